@@ -1,0 +1,17 @@
+"""Selective Projection Decay (Tian et al., NeurIPS 2024) for Optax."""
+
+from spd_optax.state import set_anchor
+from spd_optax.state import spd_stats
+from spd_optax.transform import adam_spd
+from spd_optax.transform import selective_projection_decay
+from spd_optax.transform import SPDState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SPDState",
+    "adam_spd",
+    "selective_projection_decay",
+    "set_anchor",
+    "spd_stats",
+]

@@ -1,0 +1,63 @@
+"""Adam's scaling with bias corrections as exact as the reference's."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import optax.tree_utils as otu
+
+
+def _log(decay):
+  # For a Python float, log(b) in double precision: 1 - f32(0.999)**t has a
+  # 1.3e-5 relative error at t = 1 (cancellation), which PyTorch's double
+  # precision bias correction does not have.
+  if isinstance(decay, (int, float)):
+    return math.log(decay)
+  return jnp.log(decay)
+
+
+def _bias_correction(decay, count, dtype):
+  """1 - decay**count, as -expm1(count · log(decay)): no cancellation."""
+  return -jnp.expm1(count.astype(dtype) * jnp.asarray(_log(decay), dtype))
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                  mu_dtype=None) -> optax.GradientTransformation:
+  r"""`optax.scale_by_adam`, with bias corrections accurate in float32.
+
+  .. math::
+
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+
+  The state is `optax.ScaleByAdamState`, so tools that read ``mu``/``nu``
+  keep working. With it, `adam_spd` follows the authors' PyTorch AdamSPD to
+  within 1e-6 relative over whole float32 trajectories; with optax's own
+  (float32 ``1 - b2**t``) the early-step error is about 1e-5 and compounds.
+  """
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=otu.tree_zeros_like(params, dtype=mu_dtype),
+        nu=otu.tree_zeros_like(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = otu.tree_update_moment(updates, state.mu, b1, 1)
+    nu = otu.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+
+    def scale(m, v):
+      acc = jnp.promote_types(v.dtype, jnp.float32)
+      m_hat = m.astype(acc) / _bias_correction(b1, count, acc)
+      v_hat = v.astype(acc) / _bias_correction(b2, count, acc)
+      return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(v.dtype)
+
+    new_updates = jax.tree.map(scale, mu, nu)
+    mu = otu.tree_cast(mu, mu_dtype)
+    return new_updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
