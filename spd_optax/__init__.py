@@ -1,5 +1,6 @@
 """Selective Projection Decay (Tian et al., NeurIPS 2024) for Optax."""
 
+from spd_optax import adam
 from spd_optax.state import set_anchor
 from spd_optax.state import spd_stats
 from spd_optax.transform import adam_spd
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SPDState",
+    "adam",
     "adam_spd",
     "selective_projection_decay",
     "set_anchor",

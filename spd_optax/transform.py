@@ -97,10 +97,11 @@ def _project(g, p, a, u, lam):
   # away from the anchor, so there is nothing to decay.
   safe = jnp.where(norm_new > 0, norm_new, 1)
   ratio = jnp.where(norm_new > 0, jnp.clip((norm_new - norm_prev) / safe, 0, 1), 0)
-  decay = condition < 0
-  ratio = jnp.where(decay, ratio, 0)
+  ratio = jnp.where(condition < 0, ratio, 0)
   scale = lam.astype(acc) * ratio
-  # `where`, not arithmetic, so undecayed leaves get the inner update bit for bit.
+  # `where`, not arithmetic, so a leaf SPD leaves alone gets the inner update
+  # bit for bit (θ̃ - θ_{t-1} would round).
+  decay = scale > 0
   # θ_t is formed as the reference forms it, then expressed as an update.
   update = jnp.where(decay, (tilde - scale * d_new - p_acc).astype(u.dtype), u)
   deviation = jnp.abs(1 - scale) * norm_new

@@ -1,0 +1,245 @@
+"""Core behaviour of selective_projection_decay and adam_spd."""
+
+import chex
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spd_optax
+
+
+def _params(seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return {"w": jax.random.normal(k1, (8, 5)), "b": jax.random.normal(k2, (5,)),
+          "head": {"w": jax.random.normal(k3, (5, 3))}}
+
+
+def _grads_like(params, seed):
+  keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+  it = iter(keys)
+  return jax.tree.map(lambda p: jax.random.normal(next(it), p.shape, p.dtype), params)
+
+
+def _run(tx, params, steps, seed=1, step_fn=None):
+  state = tx.init(params)
+  step_fn = step_fn or tx.update
+  for t in range(steps):
+    updates, state = step_fn(_grads_like(params, seed + t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+class VariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lambda_zero_is_inner_optimizer(self):
+    params = _params()
+    inner = optax.sgd(0.1, momentum=0.9)
+    tx = spd_optax.selective_projection_decay(inner, weight_decay=0.0)
+    got, _ = _run(tx, params, 5, step_fn=self.variant(tx.update))
+    want, _ = _run(inner, params, 5, step_fn=self.variant(inner.update))
+    chex.assert_trees_all_equal(got, want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_first_step_never_decays(self):
+    params = _params()
+    tx = spd_optax.adam_spd(0.1, weight_decay=1.0)
+    state = tx.init(params)
+    grads = _grads_like(params, 3)
+    updates, state = self.variant(tx.update)(grads, state, params)
+    inner_updates, _ = optax.adam(0.1).update(grads, optax.adam(0.1).init(params))
+    chex.assert_trees_all_close(updates, inner_updates, rtol=1e-5)
+    chex.assert_trees_all_equal(state.condition, jax.tree.map(jnp.zeros_like, state.condition))
+    chex.assert_trees_all_equal(state.ratio, jax.tree.map(jnp.zeros_like, state.ratio))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_formula_per_leaf(self):
+    params = _params()
+    anchor = _grads_like(params, 7)
+    inner = optax.sgd(0.3)
+    tx = spd_optax.selective_projection_decay(inner, weight_decay=0.7)
+    state = spd_optax.set_anchor(tx.init(params), anchor)
+    grads = _grads_like(params, 4)
+    updates, state = self.variant(tx.update)(grads, state, params)
+    trees = (params, anchor, grads, updates, state.condition, state.ratio)
+    for p, a, g, u, c, r in zip(*map(jax.tree.leaves, trees)):
+      p, a, g = (np.asarray(x, np.float64) for x in (p, a, g))
+      tilde = p - 0.3 * g
+      cond = -np.sum(g * (p - a))
+      np.testing.assert_allclose(c, cond, rtol=1e-5)
+      n_new, n_prev = np.linalg.norm(tilde - a), np.linalg.norm(p - a)
+      ratio = np.clip((n_new - n_prev) / n_new, 0, 1) if cond < 0 else 0.0
+      np.testing.assert_allclose(r, ratio, rtol=1e-5, atol=1e-7)
+      want = tilde - 0.7 * ratio * (tilde - a)
+      np.testing.assert_allclose(p + np.asarray(u), want, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_masked_leaves_get_inner_update_and_no_anchor(self):
+    params = _params()
+    mask = {"w": True, "b": True, "head": {"w": False}}
+    inner = optax.adam(0.05)
+    tx = spd_optax.selective_projection_decay(inner, 1.0, mask=mask)
+    got, state = _run(tx, params, 6, step_fn=self.variant(tx.update))
+    want, _ = _run(inner, params, 6, step_fn=self.variant(inner.update))
+    chex.assert_trees_all_equal(got["head"], want["head"])
+    assert isinstance(state.anchor["head"]["w"], optax.MaskedNode)
+    assert isinstance(state.condition["head"]["w"], optax.MaskedNode)
+    assert not np.allclose(got["w"], want["w"])  # SPD did act on the rest
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_callable_mask(self):
+    params = _params()
+    tx = spd_optax.adam_spd(0.05, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    _, state = _run(tx, params, 2, step_fn=self.variant(tx.update))
+    assert isinstance(state.anchor["b"], optax.MaskedNode)
+    assert state.anchor["w"].shape == (8, 5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_zero_anchor_stores_nothing_and_bounds_adapters(self):
+    params = _params()
+    tx = spd_optax.adam_spd(0.05, weight_decay=1.0, anchor="zeros")
+    state = tx.init(params)
+    assert state.anchor is None
+    _, state = _run(tx, params, 8, step_fn=self.variant(tx.update))
+    norms = [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(state.deviation)]
+    assert all(np.isfinite(norms))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_degenerate_leaves_are_finite(self):
+    params = {"zero": jnp.zeros((4, 4)), "empty": jnp.zeros((0, 3)),
+              "scalar": jnp.asarray(0.5), "still": jnp.ones((3,))}
+    tx = spd_optax.adam_spd(0.1, weight_decay=1.0)
+    step = self.variant(tx.update)
+    state = tx.init(params)
+    for t in range(4):
+      grads = {"zero": jnp.full((4, 4), 0.3 * (-1) ** t), "empty": jnp.zeros((0, 3)),
+               "scalar": jnp.asarray(1.0 - t), "still": jnp.zeros((3,))}
+      updates, state = step(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    for tree in (params, state.condition, state.ratio, state.deviation):
+      for x in jax.tree.leaves(tree):
+        assert np.all(np.isfinite(np.asarray(x)))
+    assert float(state.ratio["still"]) == 0.0
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_keeps_dtypes(self):
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+    tx = spd_optax.adam_spd(0.05, weight_decay=1.0)
+    got, state = _run(tx, params, 3, step_fn=self.variant(tx.update))
+    chex.assert_trees_all_equal_dtypes(got, params)
+    chex.assert_trees_all_equal_dtypes(state.anchor, params)
+    for c in jax.tree.leaves(state.condition):
+      assert c.dtype == jnp.float32
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_lambda_schedule(self):
+    params = _params()
+    inner = optax.sgd(0.1)
+    sched = optax.piecewise_constant_schedule(0.0, {3: 1.0})
+    tx = spd_optax.selective_projection_decay(inner, sched)
+    got, _ = _run(tx, params, 3, step_fn=self.variant(tx.update))
+    want, _ = _run(inner, params, 3, step_fn=self.variant(inner.update))
+    chex.assert_trees_all_equal(got, want)  # λ = 0 for the first three steps
+
+
+def test_anchor_dtype_bfloat16():
+  params = _params()
+  tx = spd_optax.adam_spd(0.05, anchor_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(state.anchor))
+  got, _ = _run(tx, params, 5)
+  # The effect is exactly that of anchoring at the params rounded to bfloat16.
+  ref = spd_optax.adam_spd(0.05)
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype), params)
+  state = spd_optax.set_anchor(ref.init(params), rounded)
+  for t in range(5):
+    updates, state = ref.update(_grads_like(params, 1 + t), state, params)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(got, params, rtol=1e-6)
+
+
+def test_float64_reductions():
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
+    _, state = _run(spd_optax.adam_spd(0.05), params, 3)
+    assert all(c.dtype == jnp.float64 for c in jax.tree.leaves(state.condition))
+
+
+# --- properties ---------------------------------------------------------------
+
+arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=6),
+                    elements=st.floats(-4, 4, width=32))
+
+
+def _one_step(p, a, g, lr, lam):
+  tx = spd_optax.selective_projection_decay(optax.sgd(lr), lam)
+  state = spd_optax.set_anchor(tx.init({"x": p}), {"x": a})
+  updates, state = tx.update({"x": g}, state, {"x": p})
+  return np.asarray(updates["x"]), state
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(data=st.data(), lr=st.floats(1e-3, 1.0), lam=st.floats(0, 2))
+def test_properties_of_one_step(data, lr, lam):
+  p = data.draw(arrays)
+  a = data.draw(hnp.arrays(np.float32, p.shape, elements=st.floats(-4, 4, width=32)))
+  g = data.draw(hnp.arrays(np.float32, p.shape, elements=st.floats(-4, 4, width=32)))
+  updates, state = _one_step(p, a, g, lr, lam)
+  r, c = float(state.ratio["x"]), float(state.condition["x"])
+  assert 0.0 <= r <= 1.0
+  assert np.all(np.isfinite(updates))
+  inner = -np.float32(lr) * g
+  if c >= 0 or r == 0:
+    np.testing.assert_array_equal(updates, inner)  # exactly the inner update
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(data=st.data(), lr=st.floats(1e-3, 1.0))
+def test_lambda_one_does_not_move_away(data, lr):
+  p = data.draw(arrays)
+  a = data.draw(hnp.arrays(np.float32, p.shape, elements=st.floats(-4, 4, width=32)))
+  g = data.draw(hnp.arrays(np.float32, p.shape, elements=st.floats(-4, 4, width=32)))
+  updates, state = _one_step(p, a, g, lr, 1.0)
+  if float(state.condition["x"]) < 0:
+    before = np.linalg.norm(p.astype(np.float64) - a)
+    after = np.linalg.norm(p.astype(np.float64) + updates - a)
+    assert after <= before * (1 + 1e-5) + 1e-5
+
+
+# --- bad input ----------------------------------------------------------------
+
+def test_update_without_params():
+  tx = spd_optax.adam_spd(0.1)
+  state = tx.init(_params())
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(_params(), state)
+
+
+def test_mask_structure_mismatch():
+  tx = spd_optax.adam_spd(0.1, mask={"w": True})
+  with pytest.raises(ValueError, match="mask must have the structure of params"):
+    tx.init(_params())
+
+
+def test_negative_lambda():
+  with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+    spd_optax.adam_spd(0.1, weight_decay=-0.1)
+
+
+def test_unknown_anchor():
+  with pytest.raises(ValueError, match="anchor must be one of"):
+    spd_optax.adam_spd(0.1, anchor="pretrained")
+
+
+def test_non_floating_leaf():
+  params = {"w": jnp.ones((3,)), "step": jnp.zeros((), jnp.int32)}
+  with pytest.raises(TypeError, match=r"params\['step'\] has dtype int32"):
+    spd_optax.adam_spd(0.1).init(params)
+  # masked off, it is fine
+  spd_optax.selective_projection_decay(optax.identity(), 1.0,
+                                       mask={"w": True, "step": False}).init(params)
