@@ -60,7 +60,8 @@ def set_anchor(state, anchor):
   fine-tuned weights with the pre-trained ones as anchor, or a different
   reference model. The arrays stay arguments of whatever step function takes
   the state, never constants compiled into it. Each leaf is copied and cast to
-  the stored anchor's dtype; leaves masked off keep no anchor.
+  the stored anchor's dtype and placed like it (same sharding and memory
+  kind); leaves masked off keep no anchor.
 
   Example::
 
@@ -94,10 +95,18 @@ def set_anchor(state, anchor):
       if not _is_masked(o) and jnp.shape(n) != o.shape:
         raise ValueError(f"anchor leaf of shape {jnp.shape(n)} does not match "
                          f"the stored anchor's {o.shape}.")
-    leaves = [o if _is_masked(o) else _copy(n, o.dtype) for n, o in zip(new, old)]
+    leaves = [o if _is_masked(o) else _place_like(_copy(n, o.dtype), o)
+              for n, o in zip(new, old)]
     return s._replace(anchor=treedef.unflatten(leaves))
 
   return jax.tree.map(replace, state, is_leaf=_is_spd)
+
+
+def _place_like(new, old):
+  # Keep the stored anchor's layout: its mesh sharding and memory kind.
+  if isinstance(old, jax.core.Tracer) or not hasattr(old, "sharding"):
+    return new
+  return jax.device_put(new, old.sharding)
 
 
 def _is_masked(x) -> bool:

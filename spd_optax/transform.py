@@ -115,6 +115,7 @@ def selective_projection_decay(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     anchor_dtype: Any = None,
+    anchor_on_host: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
@@ -153,7 +154,12 @@ def selective_projection_decay(
       marked False (a new head, norms, biases) get the inner update unchanged
       and store no anchor.
     anchor_dtype: dtype to store the anchor in (default: each param's own);
-      ``jnp.bfloat16`` halves its memory for float32 params.
+      ``jnp.bfloat16`` halves its memory for float32 params. The run is then
+      exactly SPD anchored at the params rounded to that dtype.
+    anchor_on_host: keep the anchor in host memory (``pinned_host``, on
+      backends with memory kinds: GPU, TPU, CPU) and move it in each step.
+      Saves one param-sized buffer of device memory; costs a host-to-device
+      copy of the anchor per step.
 
   Returns:
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
@@ -183,6 +189,8 @@ def selective_projection_decay(
     anchors = None
     if anchor == "params":
       anchors = per_leaf(lambda p: _copy(p, anchor_dtype or p.dtype))
+      if anchor_on_host:
+        anchors = jax.device_put(anchors, jax.memory.Space.Host)
     return SPDState(
         count=jnp.zeros((), jnp.int32),
         inner_state=inner.init(params),
@@ -208,6 +216,9 @@ def selective_projection_decay(
     marks = treedef.flatten_up_to(state.condition)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
+    if anchor_on_host:
+      anchors_l = [a if a is None or isinstance(a, optax.MaskedNode)
+                   else jax.device_put(a, jax.memory.Space.Device) for a in anchors_l]
     out_u, out_c, out_r, out_d = [], [], [], []
     for g, p, a, u, mark in zip(grads_l, params_l, anchors_l, proposed_l, marks):
       if isinstance(mark, optax.MaskedNode):
@@ -240,6 +251,7 @@ def adam_spd(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
     anchor_dtype: Any = None,
+    anchor_on_host: bool = False,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
@@ -261,7 +273,8 @@ def adam_spd(
     learning_rate: η, a float or an `optax` schedule.
     b1, b2, eps: Adam's moment decay rates and denominator term.
     weight_decay: SPD's strength λ >= 0 (a float or a schedule).
-    anchor, mask, anchor_dtype: as in `selective_projection_decay`.
+    anchor, mask, anchor_dtype, anchor_on_host: as in
+      `selective_projection_decay`.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`).
 
   References:
@@ -274,4 +287,5 @@ def adam_spd(
       optax.scale_by_learning_rate(learning_rate),
   )
   return selective_projection_decay(inner, weight_decay, anchor, mask,
-                                    anchor_dtype=anchor_dtype)
+                                    anchor_dtype=anchor_dtype,
+                                    anchor_on_host=anchor_on_host)

@@ -92,3 +92,51 @@ def test_set_anchor_bad_input():
     spd_optax.set_anchor(zeros, params)
   with pytest.raises(ValueError, match="holds no SPDState"):
     spd_optax.set_anchor(optax.sgd(0.1).init(params), params)
+
+
+def _nbytes(tree, memory_kind=None):
+  return sum(x.nbytes for x in jax.tree.leaves(tree)
+             if memory_kind is None or x.sharding.memory_kind == memory_kind)
+
+
+@pytest.mark.parametrize("anchor", ["params", "zeros"])
+def test_state_memory_is_inner_plus_one_anchor(anchor):
+  params = _params()
+  tx = spd_optax.adam_spd(0.05, anchor=anchor)
+  state = tx.init(params)
+  inner = _nbytes(spd_optax.adam.scale_by_adam().init(params))
+  n_leaves = len(jax.tree.leaves(params))
+  anchor_bytes = _nbytes(params) if anchor == "params" else 0
+  # count + three float32 scalars per leaf
+  assert _nbytes(state) == inner + anchor_bytes + 4 + 3 * 4 * n_leaves
+
+
+def test_bfloat16_anchor_halves_its_memory():
+  params = _params()
+  full = spd_optax.adam_spd(0.05).init(params)
+  half = spd_optax.adam_spd(0.05, anchor_dtype=jnp.bfloat16).init(params)
+  assert _nbytes(half.anchor) * 2 == _nbytes(full.anchor)
+
+
+def test_anchor_on_host():
+  params = _params()
+  tx = spd_optax.adam_spd(0.05, anchor_on_host=True)
+  state = jax.jit(tx.init)(params)
+  assert {a.sharding.memory_kind for a in jax.tree.leaves(state.anchor)} == {"pinned_host"}
+  assert _nbytes(state, "device") == _nbytes(state) - _nbytes(params)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  p, s = jax.tree.map(jnp.copy, params), state
+  for t in range(4):
+    p, s = step(p, s, _grads_like(params, 1 + t))
+  assert {a.sharding.memory_kind for a in jax.tree.leaves(s.anchor)} == {"pinned_host"}
+  want, _ = _run(spd_optax.adam_spd(0.05), params, 4, step_fn=jax.jit(
+      spd_optax.adam_spd(0.05).update))
+  for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(want)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  s = spd_optax.set_anchor(s, params)
+  assert {a.sharding.memory_kind for a in jax.tree.leaves(s.anchor)} == {"pinned_host"}
