@@ -1,0 +1,368 @@
+"""Fine-tunes a pre-trained DINOv2 ViT-S/14 on MNIST-5k with AdamW, L2-SP and
+Adam-SPD, and measures how well each keeps its accuracy under distribution
+shift (corrupted test images, and sklearn's digits).
+
+  python -m examples.vit.finetune --preset cpu --results-dir results/vit
+
+Each method searches its strength on one seed against an ID validation split
+only; the chosen strength is then run on every seed and evaluated on the ID
+test split and the OOD sets. See docs/examples/vit.md.
+"""
+
+import argparse
+import functools
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import spd_optax
+from examples.common import Checkpointer, spd_log, write_report
+from examples.vit import convert, data
+from examples.vit.configs import PRESETS, Config
+
+METHODS = {"adamw": "AdamW", "l2sp": "L2-SP", "spd": "Adam-SPD"}
+
+
+class Interrupted(Exception):
+  """Raised by --interrupt-after, to exercise --resume without killing a process."""
+
+
+# ---------------------------------------------------------------- optimizers
+
+class L2SPState(NamedTuple):
+  anchor: optax.Params
+
+
+def l2_sp(alpha: float) -> optax.GradientTransformation:
+  """L2-SP (Li et al., 2018): adds alpha * (θ - θ_0) to the gradient, the
+  gradient of (alpha / 2) ‖θ - θ_0‖², with θ_0 the params given to `init`.
+
+  Chained *before* Adam it is a penalty on the loss, so Adam rescales it like
+  any gradient; that is what distinguishes it from `optax.add_decayed_weights`
+  (decay toward 0, usually after the scaling, as in AdamW).
+  """
+  def init_fn(params):
+    return L2SPState(jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("l2_sp needs the current params: tx.update(grads, state, params)")
+    updates = jax.tree.map(lambda g, p, a: g + alpha * (p - a).astype(g.dtype),
+                           updates, params, state.anchor)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def backbone_mask(params):
+  """True for pre-trained leaves, False for the new head: pulling a randomly
+  initialised head toward its initialisation has no meaning."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], "key", None) != "head", params)
+
+
+@functools.cache
+def make_optimizer(method: str, learning_rate: float, warmup_steps: int,
+                   steps: int) -> optax.GradientTransformation:
+  """The three methods side by side. `strength` is injected as optimizer
+  state, and the transformation is built once per method (it is part of what
+  nnx.jit keys its cache on), so one compiled train step serves every
+  strength and seed of a method."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, steps)
+
+  def adamw(learning_rate, strength):
+    return optax.adamw(learning_rate, weight_decay=strength)
+
+  def l2sp(learning_rate, strength):
+    return optax.chain(optax.masked(l2_sp(strength), backbone_mask),
+                       optax.adam(learning_rate))
+
+  def spd(learning_rate, strength):
+    return spd_optax.adam_spd(learning_rate, weight_decay=strength, mask=backbone_mask)
+
+  factory = {"adamw": adamw, "l2sp": l2sp, "spd": spd}[method]
+  return optax.inject_hyperparams(factory)(learning_rate=schedule, strength=0.0)
+
+
+# ------------------------------------------------------------ jitted pieces
+
+@nnx.jit
+def train_step(model, optimizer, images, labels):
+  def loss_fn(model):
+    logits = model(images)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def predict(model, images):
+  return jnp.argmax(model(images), axis=-1)
+
+
+@jax.jit
+def distance(params, anchor):
+  sq = jax.tree.map(lambda p, a: jnp.sum(jnp.square(p - a)), params, anchor)
+  return jnp.sqrt(sum(jax.tree.leaves(sq)))
+
+
+def backbone_params(model) -> dict:
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {k: v for k, v in params.items() if k != "head"}
+
+
+def accuracy(model, images, labels, batch: int) -> float:
+  # Pad to whole batches so every call has one shape and compiles once.
+  n = len(images)
+  pad = -n % batch
+  x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+  preds = np.concatenate([np.asarray(predict(model, x[i:i + batch]))
+                          for i in range(0, len(x), batch)])[:n]
+  return float(np.mean(preds == labels) * 100)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The step's batch, a pure function of (seed, step), so a resumed run sees
+  exactly the batches the uninterrupted run would have."""
+  per_epoch = n // batch_size
+  epoch, i = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return order[i * batch_size:(i + 1) * batch_size]
+
+
+# --------------------------------------------------------------------- runs
+
+class Experiment:
+  """Everything shared by the runs of one invocation."""
+
+  def __init__(self, cfg: Config, args, sd, hf_config):
+    self.cfg, self.args, self.sd, self.hf_config = cfg, args, sd, hf_config
+    self.results_dir = pathlib.Path(args.results_dir)
+    self.steps_taken = 0      # across runs, for --interrupt-after
+    self.resumed = {}         # run name -> step it resumed from
+
+    images, labels = data.load_mnist5k()
+    splits = data.split(images, labels, n_train=cfg.n_train, n_val=cfg.n_val,
+                        n_test=cfg.n_test, seed=cfg.data_seed)
+    prep = lambda x: data.to_model_input(x, cfg.image_size)
+    self.train = (prep(splits["train"][0]), splits["train"][1])
+    self.val = (prep(splits["val"][0]), splits["val"][1])
+    self.test = (prep(splits["test"][0]), splits["test"][1])
+    self.ood = {name: (prep(x), y) for name, (x, y) in data.ood_sets(
+        *splits["test"], severities=cfg.severities, n_digits=cfg.n_digits,
+        seed=cfg.data_seed).items()}
+
+    self.anchor = backbone_params(self.new_model(seed=0))
+
+  def new_model(self, seed: int):
+    return convert.pretrained_vit(self.sd, self.hf_config, image_size=self.cfg.image_size,
+                                  num_layers=self.cfg.num_layers, num_classes=10, seed=seed)
+
+  @staticmethod
+  def run_name(method, strength, seed):
+    return f"{method}_s{strength:g}_seed{seed}"
+
+  def record_path(self, name):
+    return self.results_dir / "runs" / f"{name}.json"
+
+  def checkpoint_dir(self, name):
+    return self.results_dir / "checkpoints" / name
+
+  def run(self, method: str, strength: float, seed: int, *, with_ood: bool) -> dict:
+    """Trains one (method, strength, seed) run, or picks it up where it stopped."""
+    cfg = self.cfg
+    name = self.run_name(method, strength, seed)
+    path = self.record_path(name)
+    if path.exists():
+      record = json.loads(path.read_text())
+      if record.get("ood") or not with_ood:
+        return record
+
+    model = self.new_model(seed)
+    tx = make_optimizer(method, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer.opt_state.hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
+
+    ckpt = Checkpointer(self.checkpoint_dir(name))
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+      # Model and optimizer together: the optimizer state holds the anchors
+      # (SPD's, L2-SP's) and Adam's moments, all of which a resume needs.
+      state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
+      restored = ckpt.restore(latest, {k: nnx.to_pure_dict(v) for k, v in state.items()})
+      for key, module in (("model", model), ("opt", optimizer)):
+        nnx.replace_by_pure_dict(state[key], restored[key])
+        nnx.update(module, state[key])
+      start = latest
+      self.resumed[name] = latest
+
+    log_file = self.checkpoint_dir(name) / "history.json"
+    history = []
+    if path.exists():
+      history = json.loads(path.read_text())["history"]
+    elif start and log_file.exists():
+      history = [h for h in json.loads(log_file.read_text()) if h["step"] <= start]
+    if start < cfg.steps:
+      bar = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps,
+                 dynamic_ncols=True, file=sys.stderr)
+      for step in bar:
+        if self.args.interrupt_after is not None and self.steps_taken >= self.args.interrupt_after:
+          bar.close()
+          raise Interrupted(f"stopped after {self.steps_taken} steps (--interrupt-after)")
+        idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
+        loss = train_step(model, optimizer, self.train[0][idx], self.train[1][idx])
+        self.steps_taken += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+          row = {"step": done, "loss": float(loss),
+                 "deviation": float(distance(backbone_params(model), self.anchor)),
+                 **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
+          history.append(row)
+          bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+          ckpt.save(done, {"model": nnx.to_pure_dict(nnx.state(model)),
+                           "opt": nnx.to_pure_dict(nnx.state(optimizer))})
+          log_file.write_text(json.dumps(history))
+
+    record = {
+        "method": METHODS[method], "key": method, "strength": strength, "seed": seed,
+        "val_acc": accuracy(model, *self.val, cfg.eval_batch),
+        "deviation": float(distance(backbone_params(model), self.anchor)),
+        "history": history,
+    }
+    if with_ood:
+      record["id_acc"] = accuracy(model, *self.test, cfg.eval_batch)
+      record["ood"] = {shift: accuracy(model, x, y, cfg.eval_batch)
+                       for shift, (x, y) in tqdm(self.ood.items(), desc=f"{name} OOD",
+                                                 leave=False, file=sys.stderr)}
+      record["ood_mean"] = float(np.mean(list(record["ood"].values())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+  def method(self, method: str) -> list[dict]:
+    """Strength search on the search seed, then all seeds at the chosen strength."""
+    cfg = self.cfg
+    strengths = cfg.strengths[method]
+    search = [self.run(method, s, cfg.search_seed, with_ood=len(strengths) == 1)
+              for s in strengths]
+    # Ties go to the weaker strength: less regularisation for the same accuracy.
+    best = max(search, key=lambda r: (r["val_acc"], -r["strength"]))["strength"]
+    finals = [self.run(method, best, seed, with_ood=True) for seed in cfg.seeds]
+    # The finals' numbers are on disk now; their checkpoints aren't needed.
+    for s in strengths:
+      for seed in {cfg.search_seed, *cfg.seeds}:
+        shutil.rmtree(self.checkpoint_dir(self.run_name(method, s, seed)), ignore_errors=True)
+    return search, finals
+
+
+# ------------------------------------------------------------------ reports
+
+def summarise(finals: list[dict]) -> list[dict]:
+  rows = []
+  for key in dict.fromkeys(r["key"] for r in finals):
+    runs = [r for r in finals if r["key"] == key]
+    mean = lambda f: float(np.mean([f(r) for r in runs]))
+    std = lambda f: float(np.std([f(r) for r in runs]))
+    row = {"method": runs[0]["method"], "strength": runs[0]["strength"], "seeds": len(runs),
+           "id_acc": mean(lambda r: r["id_acc"]), "id_std": std(lambda r: r["id_acc"]),
+           "ood_mean": mean(lambda r: r["ood_mean"]), "ood_std": std(lambda r: r["ood_mean"]),
+           "deviation": mean(lambda r: r["deviation"])}
+    for shift in runs[0]["ood"]:
+      row[shift] = mean(lambda r: r["ood"][shift])
+    rows.append(row)
+  return rows
+
+
+def write_reports(results_dir, searches, finals, cfg: Config, preset: str):
+  shifts = list(finals[0]["ood"])
+  per_run = [{k: v for k, v in r.items() if k not in ("history", "ood")} | r["ood"]
+             for r in finals]
+  common = ["method", "strength"]
+  write_report(results_dir, "vit", per_run,
+               columns=common + ["seed", "val_acc", "id_acc", "ood_mean", "deviation"],
+               plot_x="deviation", plot_y="ood_mean",
+               title=f"ViT-S/14 on MNIST-5k ({preset}): OOD accuracy vs ‖θ-θ₀‖")
+  summary = summarise(finals)
+  write_report(results_dir, "vit_summary", summary,
+               columns=common + ["seeds", "id_acc", "id_std", "ood_mean", "ood_std", "deviation"],
+               plot_x="id_acc", plot_y="ood_mean",
+               title=f"ViT-S/14 on MNIST-5k ({preset}): mean over {len(cfg.seeds)} seeds")
+  write_report(results_dir, "vit_shifts", summary, columns=["method"] + shifts,
+               plot_x="deviation", plot_y="ood_mean", title="per-shift accuracy (mean over seeds)")
+  search_rows = [{k: v for k, v in r.items() if k in ("method", "strength", "seed", "val_acc", "deviation")}
+                 for r in searches]
+  write_report(results_dir, "vit_search", search_rows,
+               columns=common + ["seed", "val_acc", "deviation"],
+               plot_x="deviation", plot_y="val_acc",
+               title="strength search (ID validation only)")
+  return summary
+
+
+# --------------------------------------------------------------------- main
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  p.add_argument("--results-dir", default="results/vit")
+  p.add_argument("--resume", action="store_true",
+                 help="keep finished runs and continue unfinished ones from their checkpoints")
+  p.add_argument("--weights", default=None,
+                 help="an HF Dinov2Model .safetensors file to use instead of the ONNX "
+                      "weights (a config.json beside it gives the number of heads)")
+  p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+  p.add_argument("--interrupt-after", type=int, default=None,
+                 help="stop after this many training steps in all (to try --resume)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cfg = PRESETS[args.preset]
+  results_dir = pathlib.Path(args.results_dir)
+  if not args.resume:
+    for sub in ("runs", "checkpoints"):
+      shutil.rmtree(results_dir / sub, ignore_errors=True)
+  start = time.time()
+  if args.weights:
+    sd, hf_config = convert.read_safetensors(args.weights)
+  else:
+    sd, hf_config = convert.read_onnx(convert.onnx_path())
+  exp = Experiment(cfg, args, sd, hf_config)
+
+  searches, finals = [], []
+  for method in args.methods:
+    search, final = exp.method(method)
+    searches += search
+    finals += final
+  summary = write_reports(results_dir, searches, finals, cfg, args.preset)
+  seconds = time.time() - start
+  (results_dir / "vit_timing.json").write_text(json.dumps(
+      {"preset": args.preset, "seconds": seconds, "backend": jax.default_backend(),
+       "devices": [str(d) for d in jax.devices()]}, indent=1))
+  for row in summary:
+    print(f"{row['method']:>9} (strength {row['strength']:g}): ID {row['id_acc']:.1f}%  "
+          f"OOD {row['ood_mean']:.1f}%  ‖θ-θ₀‖ {row['deviation']:.3g}")
+  print(f"{seconds:.0f}s; results in {results_dir}/")
+  return {"summary": summary, "finals": finals, "searches": searches,
+          "resumed": exp.resumed, "seconds": seconds}
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except Interrupted as e:
+    sys.exit(f"{e}; run again with --resume to continue")
