@@ -69,14 +69,15 @@ def corrupt(images: np.ndarray, kind: str, severity: int, seed: int = 0) -> np.n
     mean = images.mean(axis=(1, 2), keepdims=True)
     out = (images - mean) * c + mean
   elif kind == "elastic":
-    alpha, sigma = [(4, 2.5), (6, 2.5), (8, 2.5), (10, 2.5), (12, 2.5)][s]
+    shift = [0.75, 1.0, 1.25, 1.5, 1.75][s]
     out = np.empty_like(images)
     grid = np.mgrid[0:28, 0:28].astype(np.float32)
     for i, im in enumerate(images):
-      # A smooth random displacement field (Simard et al. 2003), in pixels.
-      dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, (28, 28)), sigma) * alpha * 4
-                for _ in range(2))
-      out[i] = ndimage.map_coordinates(im, [grid[0] + dy, grid[1] + dx], order=1, mode="constant")
+      # A smooth random displacement field (Simard et al. 2003), scaled to an
+      # RMS of `shift` pixels so the severity doesn't depend on the smoothing.
+      field = ndimage.gaussian_filter(rng.normal(size=(2, 28, 28)), sigma=(0, 3, 3))
+      field *= shift / np.sqrt(np.mean(field ** 2))
+      out[i] = ndimage.map_coordinates(im, grid + field, order=1, mode="constant")
   else:
     raise ValueError(f"unknown corruption {kind!r}; known: {CORRUPTIONS}")
   return np.clip(out, 0, 1).astype(np.float32)
