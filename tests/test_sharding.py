@@ -26,7 +26,7 @@ SPECS = {
     "norm": P(),                # small, replicated
     "head": P("data", None),    # masked off: no anchor
 }
-SHAPES = {"w1": (16, 32), "w2": (32, 16), "b": (32,), "emb": (8, 32),
+SHAPES = {"w1": (16, 32), "w2": (32, 16), "b": (64,), "emb": (8, 32),
           "norm": (16,), "head": (16, 4)}
 MASK = {k: k != "head" for k in SHAPES}
 STEPS = 6
@@ -38,18 +38,17 @@ def make_mesh(axis_types=AxisType.Explicit):
 
 
 def host_params(seed=0):
-  keys = jax.random.split(jax.random.key(seed), len(SHAPES))
-  return {k: np.asarray(jax.random.normal(key, SHAPES[k]))
-          for key, k in zip(keys, sorted(SHAPES))}
+  rng = np.random.default_rng(seed)
+  return {k: rng.standard_normal(SHAPES[k], np.float32) for k in sorted(SHAPES)}
 
 
 def host_grads(t):
   # Noisy gradients that first push away from θ_0, then back: once they turn,
   # c_t < 0 while Adam's momentum still carries the step outwards, so SPD acts.
-  keys = jax.random.split(jax.random.key(100 + t), len(SHAPES))
-  bias = -0.5 if t < 3 else 0.5
-  return {k: np.asarray(0.3 * jax.random.normal(key, SHAPES[k]) + bias)
-          for key, k in zip(keys, sorted(SHAPES))}
+  rng = np.random.default_rng(100 + t)
+  bias = np.float32(-0.5 if t < 3 else 0.5)
+  return {k: 0.3 * rng.standard_normal(SHAPES[k], np.float32) + bias
+          for k in sorted(SHAPES)}
 
 
 def param_shardings(mesh):
@@ -124,8 +123,9 @@ def check_laid_out_like_params(state, params, psh):
       assert leaf.shape == () and leaf.sharding.is_fully_replicated
 
 
-def collectives(hlo: str) -> dict[str, list[str]]:
-  """Result types of each collective in compiled HLO text."""
+def collectives(hlo: str) -> dict[str, list[int]]:
+  """Per collective op in compiled HLO text, the element count of each
+  array it returns."""
   found = {}
   pattern = re.compile(
       r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-gather|all-reduce|"
@@ -133,8 +133,24 @@ def collectives(hlo: str) -> dict[str, list[str]]:
   for line in hlo.splitlines():
     m = pattern.search(line)
     if m:
-      found.setdefault(m.group(2), []).append(m.group(1))
+      for dims in re.findall(r"[a-z]\w*\[([^\]]*)\]", m.group(1)):
+        size = int(np.prod([int(d) for d in dims.split(",") if d]))
+        found.setdefault(m.group(2), []).append(size)
   return found
+
+
+def assert_moves_no_leaf_data(hlo: str, mesh) -> dict[str, list[int]]:
+  """The step may only exchange per-leaf partial sums: a scalar per device at
+  most (all-reduces of scalars, or gathers of one partial per device). Every
+  shard here holds more than mesh.size elements, so this excludes gathering
+  any leaf or shard of params, anchor, moments or gradients."""
+  ops = collectives(hlo)
+  for op in ("reduce-scatter", "all-to-all", "collective-permute"):
+    assert op not in ops, f"the SPD step moves leaf data: {op} {ops[op]}"
+  for op, sizes in ops.items():
+    assert max(sizes) <= mesh.size, f"the SPD step moves leaf data: {op} {sizes}"
+  assert ops, "expected collectives for the per-leaf sums"
+  return ops
 
 
 @pytest.mark.parametrize("anchor", ["params", "zeros"])
@@ -185,22 +201,15 @@ def test_compiled_step_gathers_nothing(anchor):
   step = jax.jit(make_step(tx), donate_argnums=(0, 1),
                  out_shardings=(psh, ssh))
   hlo = step.lower(params, state, grads).compile().as_text()
-  ops = collectives(hlo)
-  for op in ("all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
-    assert op not in ops, f"the SPD step moves whole leaves: {op} {ops[op]}"
-  # Per-leaf norms and <g, θ - θ_0> are all-reduces of scalars only.
-  assert ops.get("all-reduce"), "expected all-reduces for the per-leaf sums"
-  for shape in ops["all-reduce"]:
-    dims = re.findall(r"[a-z]\w*\[([^\]]*)\]", shape)
-    assert dims and all(d == "" for d in dims), f"non-scalar all-reduce: {shape}"
+  assert_moves_no_leaf_data(hlo, mesh)
 
   # Control: the same check sees the gathers that a replicated anchor costs.
   if anchor == "params":
     rep = NamedSharding(mesh, P())
     bad_ssh = ssh._replace(anchor=jax.tree.map(lambda _: rep, ssh.anchor))
     bad = jax.jit(make_step(tx), out_shardings=(psh, bad_ssh))
-    assert "all-gather" in collectives(
-        bad.lower(params, state, grads).compile().as_text())
+    ops = collectives(bad.lower(params, state, grads).compile().as_text())
+    assert max(ops["all-gather"]) == 16 * 32   # the whole of w1's anchor
 
 
 def test_auto_mesh_recipe():
@@ -216,8 +225,7 @@ def test_auto_mesh_recipe():
   check_laid_out_like_params(state, params, psh)
   step = jax.jit(make_step(tx), donate_argnums=(0, 1), out_shardings=(psh, ssh))
   grads = jax.device_put(host_grads(0), psh)
-  ops = collectives(step.lower(params, state, grads).compile().as_text())
-  assert "all-gather" not in ops
+  assert_moves_no_leaf_data(step.lower(params, state, grads).compile().as_text(), mesh)
   for t in range(STEPS):
     params, state = step(params, state, jax.device_put(host_grads(t), psh))
   check_laid_out_like_params(state, params, psh)
