@@ -4,6 +4,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
@@ -83,27 +84,37 @@ def _copy(x, dtype):
   return jnp.array(x, dtype=dtype, copy=True)
 
 
+def _sum4(x1, x2, x3, x4):
+  # One variadic reduction: XLA reads the operands' inputs once for all
+  # four sums instead of once per sum.
+  zero = jnp.zeros((), x1.dtype)
+  return lax.reduce((x1, x2, x3, x4), (zero,) * 4,
+                    lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                    tuple(range(x1.ndim)))
+
+
 def _project(g, p, a, u, lam):
   """SPD for one leaf. Returns (update, condition, ratio, deviation)."""
   acc = _acc_dtype(p.dtype)
-  p_acc = p.astype(acc)
-  tilde = p_acc + u.astype(acc)
-  d_prev = p_acc if a is None else p_acc - a.astype(acc)
-  d_new = tilde if a is None else tilde - a.astype(acc)
-  condition = -jnp.sum(g.astype(acc) * d_prev)
-  norm_prev = jnp.sqrt(jnp.sum(d_prev * d_prev))
-  norm_new = jnp.sqrt(jnp.sum(d_new * d_new))
+  p_acc, u_acc = p.astype(acc), u.astype(acc)
+  d = p_acc if a is None else p_acc - a.astype(acc)  # θ_{t-1} - θ_0
+  gd, dd, du, uu = _sum4(g.astype(acc) * d, d * d, d * u_acc, u_acc * u_acc)
+  condition = -gd
+  norm_prev = jnp.sqrt(dd)
+  norm_new = jnp.sqrt(jnp.maximum(dd + 2 * du + uu, 0))  # ‖θ̃_t - θ_0‖
+  # ‖θ̃-θ_0‖ - ‖θ_{t-1}-θ_0‖ without the cancellation of subtracting norms.
+  growth = (2 * du + uu) / jnp.where(norm_new + norm_prev > 0, norm_new + norm_prev, 1)
   # The reference divides by ‖θ̃ - θ_0‖ unguarded; where it is 0 nothing moved
   # away from the anchor, so there is nothing to decay.
-  safe = jnp.where(norm_new > 0, norm_new, 1)
-  ratio = jnp.where(norm_new > 0, jnp.clip((norm_new - norm_prev) / safe, 0, 1), 0)
+  ratio = jnp.where(norm_new > 0,
+                    jnp.clip(growth / jnp.where(norm_new > 0, norm_new, 1), 0, 1), 0)
   ratio = jnp.where(condition < 0, ratio, 0)
   scale = lam.astype(acc) * ratio
-  # `where`, not arithmetic, so a leaf SPD leaves alone gets the inner update
-  # bit for bit (θ̃ - θ_{t-1} would round).
-  decay = scale > 0
-  # θ_t is formed as the reference forms it, then expressed as an update.
-  update = jnp.where(decay, (tilde - scale * d_new - p_acc).astype(u.dtype), u)
+  # θ_t = θ̃_t - scale·(θ̃_t - θ_0), formed as the reference forms it, then
+  # expressed as an update. `where`, not arithmetic, so a leaf SPD leaves
+  # alone gets the inner update bit for bit (θ̃ - θ_{t-1} would round).
+  tilde = p_acc + u_acc
+  update = jnp.where(scale > 0, (tilde - scale * (d + u_acc) - p_acc).astype(u.dtype), u)
   deviation = jnp.abs(1 - scale) * norm_new
   return update, condition, ratio, deviation
 

@@ -1,0 +1,128 @@
+"""Times one jitted, donated optimizer step: adam_spd against optax.adamw and
+optax.adam, alternating in one run, on parameter sets shaped like ViT-B/16
+and (GPU only by default) a LLaMA-style 1.35B model.
+
+  python benchmarks/optimizer_step.py                # sets that fit the backend
+  python benchmarks/optimizer_step.py --sets vit_b16 --reps 30 --json out.json
+
+Prints a table of median milliseconds and ratios to optax.adamw; writes JSON.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import spd_optax
+
+
+def vit_b16_shapes() -> dict[str, tuple[int, ...]]:
+  """ViT-B/16 at 224px with a 1000-class head: 86.6M floats, 152 leaves."""
+  d, mlp = 768, 3072
+  shapes = {"patch/w": (16, 16, 3, d), "patch/b": (d,), "cls": (1, 1, d),
+            "pos": (1, 197, d), "norm/w": (d,), "norm/b": (d,),
+            "head/w": (d, 1000), "head/b": (1000,)}
+  for i in range(12):
+    shapes |= {f"block{i}/ln1/w": (d,), f"block{i}/ln1/b": (d,),
+               f"block{i}/qkv/w": (d, 3 * d), f"block{i}/qkv/b": (3 * d,),
+               f"block{i}/proj/w": (d, d), f"block{i}/proj/b": (d,),
+               f"block{i}/ln2/w": (d,), f"block{i}/ln2/b": (d,),
+               f"block{i}/fc1/w": (d, mlp), f"block{i}/fc1/b": (mlp,),
+               f"block{i}/fc2/w": (mlp, d), f"block{i}/fc2/b": (d,)}
+  return shapes
+
+
+def llama_1b_shapes() -> dict[str, tuple[int, ...]]:
+  """LLaMA-style, width 2048, 24 layers, FFN 5504, vocab 32000: 1.35B, 219 leaves."""
+  d, ffn, vocab = 2048, 5504, 32000
+  shapes = {"embed": (vocab, d), "norm": (d,), "lm_head": (d, vocab)}
+  for i in range(24):
+    shapes |= {f"layer{i}/{n}": (d, d) for n in ("q", "k", "v", "o")}
+    shapes |= {f"layer{i}/gate": (d, ffn), f"layer{i}/up": (d, ffn),
+               f"layer{i}/down": (ffn, d), f"layer{i}/attn_norm": (d,),
+               f"layer{i}/mlp_norm": (d,)}
+  return shapes
+
+
+SETS = {"vit_b16": vit_b16_shapes, "llama_1b": llama_1b_shapes}
+
+
+def optimizers(lr=1e-4):
+  return {
+      "optax.adamw": optax.adamw(lr, weight_decay=0.1),
+      "optax.adam": optax.adam(lr),
+      "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0),
+  }
+
+
+def make_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def random_tree(shapes, seed):
+  keys = iter(jax.random.split(jax.random.key(seed), len(shapes)))
+  return {k: jax.random.normal(next(keys), s, jnp.float32) * 0.02
+          for k, s in shapes.items()}
+
+
+def bench(shapes, reps, warmup=3):
+  n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
+  grads = random_tree(shapes, 1)
+  runs = {}
+  for name, tx in optimizers().items():
+    params = random_tree(shapes, 0)
+    state = jax.jit(tx.init)(params)
+    step = make_step(tx)
+    for _ in range(warmup):  # compile, then let SPD's condition start firing
+      params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+    runs[name] = [step, params, state, []]
+  for _ in range(reps):  # alternate, so drifting clocks hit all alike
+    for name, run in runs.items():
+      step, params, state, times = run
+      t0 = time.perf_counter()
+      params, state = step(params, state, grads)
+      jax.block_until_ready((params, state))
+      times.append(time.perf_counter() - t0)
+      run[1], run[2] = params, state
+  med = {k: 1e3 * statistics.median(r[3]) for k, r in runs.items()}
+  return {"params": n, "leaves": len(shapes), "median_ms": med,
+          "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()}}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  default = ["vit_b16", "llama_1b"] if jax.default_backend() != "cpu" else ["vit_b16"]
+  parser.add_argument("--sets", nargs="+", choices=SETS, default=default)
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--json", default="benchmarks/optimizer_step.json")
+  args = parser.parse_args(argv)
+
+  device = jax.devices()[0]
+  results = {"backend": jax.default_backend(), "device": device.device_kind,
+             "jax": jax.__version__, "python": platform.python_version(),
+             "reps": args.reps, "sets": {}}
+  print(f"{results['device']} ({results['backend']}), jax {jax.__version__}, "
+        f"{args.reps} alternating reps, float32, jitted + donated step")
+  print(f"| set | params | leaves | {' | '.join(optimizers())} | adam_spd / adamw |")
+  print("| --- | --- | --- |" + " --- |" * (len(optimizers()) + 1))
+  for name in args.sets:
+    r = bench(SETS[name](), args.reps)
+    results["sets"][name] = r
+    ms = " | ".join(f"{v:.2f} ms" for v in r["median_ms"].values())
+    print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['leaves']} | {ms} | "
+          f"{r['ratio_to_adamw']['adam_spd']:.2f}x |", flush=True)
+  with open(args.json, "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
