@@ -26,11 +26,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                   mu_dtype=None) -> optax.GradientTransformation:
   r"""`optax.scale_by_adam`, with bias corrections accurate in float32.
 
-  .. math::
-
-    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
-    u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+  $$
+  m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+  v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+  u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
+  $$
 
   The state is `optax.ScaleByAdamState`, so tools that read ``mu``/``nu``
   keep working. With it, `adam_spd` follows the authors' PyTorch AdamSPD to

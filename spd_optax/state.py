@@ -32,10 +32,11 @@ def spd_stats(state) -> dict[str, jax.Array]:
     - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
       the zero anchor this is the norm of the adapters.
 
-  Example::
-
+  Example:
+    ```python
     updates, state = tx.update(grads, state, params)
     print({k: float(v) for k, v in spd_optax.spd_stats(state).items()})
+    ```
   """
   ratios, deviations = [], []
   for s in _find(state):
@@ -63,10 +64,11 @@ def set_anchor(state, anchor):
   the stored anchor's dtype and placed like it (same sharding and memory
   kind); leaves masked off keep no anchor.
 
-  Example::
-
+  Example:
+    ```python
     state = tx.init(finetuned_params)
     state = spd_optax.set_anchor(state, pretrained_params)
+    ```
 
   Raises:
     ValueError: if the state has the zero anchor or no SPD part, or `anchor`

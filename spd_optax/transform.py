@@ -130,33 +130,37 @@ def selective_projection_decay(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
-  Per leaf, with raw gradient :math:`g_t`, the base optimizer's update
-  :math:`u_t` and the anchor :math:`\theta_0`:
+  Per leaf (parameter tensor), with raw gradient $g_t$, the base optimizer's
+  update $u_t$ and the anchor $\theta_0$:
 
-  .. math::
-
-    \tilde\theta_t &= \theta_{t-1} + u_t, \qquad
-    c_t = -\langle g_t, \theta_{t-1} - \theta_0 \rangle \\
-    r_t &= \mathrm{clip}\Big(\frac{\|\tilde\theta_t - \theta_0\|
-          - \|\theta_{t-1} - \theta_0\|}{\|\tilde\theta_t - \theta_0\|}, 0, 1\Big) \\
-    \theta_t &= \tilde\theta_t - \lambda\, r_t\, [c_t < 0]\,
-          (\tilde\theta_t - \theta_0)
+  $$
+  \begin{aligned}
+  \tilde\theta_t &= \theta_{t-1} + u_t, \qquad
+      c_t = -\langle g_t,\, \theta_{t-1} - \theta_0 \rangle \\
+  r_t &= \operatorname{clip}\Big(\frac{\|\tilde\theta_t - \theta_0\|
+      - \|\theta_{t-1} - \theta_0\|}{\|\tilde\theta_t - \theta_0\|},\, 0,\, 1\Big) \\
+  \theta_t &= \tilde\theta_t - \lambda\, r_t\, [c_t < 0]\,
+      (\tilde\theta_t - \theta_0)
+  \end{aligned}
+  $$
 
   Decay acts only on leaves where moving further from the anchor no longer
-  lowers the loss (:math:`c_t < 0`), and only by as much as the step moved
-  away from it. λ is not multiplied by the learning rate.
+  lowers the loss ($c_t < 0$), and only by as much as the step moved away
+  from it. $\lambda$ is not multiplied by the learning rate. Norms are
+  Frobenius norms of whole leaves, accumulated in at least float32.
 
-  Example::
-
+  Example:
+    ```python
     tx = spd_optax.selective_projection_decay(
         optax.chain(optax.clip_by_global_norm(1.0), optax.lion(1e-4)),
         weight_decay=0.5)
     state = tx.init(params)                  # copies params as the anchor
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
+    ```
 
   Args:
-    inner: the base optimizer; its updates are the proposed step :math:`u_t`.
+    inner: the base optimizer; its updates are the proposed step $u_t$.
     weight_decay: λ >= 0, a float or an `optax` schedule of the step count.
     anchor: ``"params"`` copies the params given to ``init`` (full
       fine-tuning); ``"zeros"`` uses θ_0 = 0 and stores nothing (LoRA and
@@ -176,8 +180,8 @@ def selective_projection_decay(
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
 
   References:
-    Tian et al., `Rethinking Weight Decay for Robust Fine-Tuning of Foundation
-    Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
+    Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models](https://arxiv.org/abs/2411.01713), NeurIPS 2024.
   """
   if anchor not in ANCHORS:
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
@@ -268,17 +272,18 @@ def adam_spd(
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
   The base step is Adam's,
-  :math:`u_t = -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)` (from
+  $u_t = -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)$ (from
   `spd_optax.adam.scale_by_adam`, whose bias corrections match the
   reference's double precision), and SPD then acts per leaf as in
   `selective_projection_decay`. There is no other weight decay.
 
-  Example::
-
+  Example:
+    ```python
     tx = spd_optax.adam_spd(1e-4, weight_decay=1.0)
     # or, to change hyperparameters during training:
     tx = optax.inject_hyperparams(spd_optax.adam_spd)(
         learning_rate=1e-4, weight_decay=0.5)
+    ```
 
   Args:
     learning_rate: η, a float or an `optax` schedule.
@@ -289,8 +294,8 @@ def adam_spd(
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`).
 
   References:
-    Tian et al., `Rethinking Weight Decay for Robust Fine-Tuning of Foundation
-    Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
+    Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models](https://arxiv.org/abs/2411.01713), NeurIPS 2024.
   """
   check_non_negative("learning_rate", learning_rate)
   inner = optax.chain(
