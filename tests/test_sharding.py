@@ -57,11 +57,12 @@ def param_shardings(mesh):
 
 def state_shardings(tx, params, mesh):
   """Shardings for tx.init(params) on an Explicit mesh: `jax.eval_shape`
-  carries each array's sharding; scalars (counts, per-leaf statistics) have
-  none and are replicated."""
+  carries each array's partition spec (on an abstract mesh; made concrete
+  here, as restoring a checkpoint needs); scalars (counts, per-leaf
+  statistics) have none and are replicated."""
   abstract = jax.eval_shape(tx.init, params)
   return jax.tree.map(
-      lambda a: a.sharding if a.sharding is not None else NamedSharding(mesh, P()),
+      lambda a: NamedSharding(mesh, a.sharding.spec if a.sharding else P()),
       abstract)
 
 
