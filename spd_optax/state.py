@@ -85,7 +85,7 @@ def set_anchor(state, anchor):
     if s.anchor is None:
       raise ValueError("this SPD state uses anchor='zeros', which stores no "
                        "anchor; create it with anchor='params' to set one.")
-    treedef = jax.tree.structure(s.condition, is_leaf=_is_masked)
+    treedef = jax.tree.structure(s.anchor, is_leaf=_is_masked)
     try:
       new = treedef.flatten_up_to(anchor)
     except (ValueError, TypeError) as e:

@@ -1,5 +1,6 @@
 """Selective Projection Decay around any Optax optimizer."""
 
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -46,6 +47,19 @@ def check_non_negative(name: str, value) -> None:
     return
   if np.any(np.asarray(value) < 0):
     raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+def _is_variable(x) -> bool:
+  # flax.nnx Variables carry their param's metadata (e.g. its sharding); the
+  # per-leaf scalars must not inherit it, so they are built with Variables as
+  # leaves. Looked up lazily: flax is not a dependency.
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _scalar_def(params) -> jax.tree_util.PyTreeDef:
+  """Structure of the per-leaf scalar trees: params' with Variables as leaves."""
+  return jax.tree.structure(params, is_leaf=_is_variable)
 
 
 def _leaf_paths(params) -> list[str]:
@@ -198,7 +212,7 @@ def selective_projection_decay(
     _check_floating(params, flags)
     leaves, treedef = jax.tree.flatten(params)
 
-    def per_leaf(fn):
+    def per_leaf(fn, treedef=treedef):
       return treedef.unflatten(
           [fn(p) if on else optax.MaskedNode() for p, on in zip(leaves, flags)])
 
@@ -214,9 +228,9 @@ def selective_projection_decay(
         count=jnp.zeros((), jnp.int32),
         inner_state=inner.init(params),
         anchor=anchors,
-        condition=per_leaf(acc_zero),
-        ratio=per_leaf(acc_zero),
-        deviation=per_leaf(acc_zero),
+        condition=per_leaf(acc_zero, _scalar_def(params)),
+        ratio=per_leaf(acc_zero, _scalar_def(params)),
+        deviation=per_leaf(acc_zero, _scalar_def(params)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -232,7 +246,8 @@ def selective_projection_decay(
     params_l = treedef.flatten_up_to(params)
     grads_l = treedef.flatten_up_to(updates)
     proposed_l = treedef.flatten_up_to(proposed)
-    marks = treedef.flatten_up_to(state.condition)
+    scalar_def = _scalar_def(params)
+    marks = scalar_def.flatten_up_to(state.condition)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
     if anchor_on_host:
@@ -246,16 +261,15 @@ def selective_projection_decay(
         continue
       new_u, c, r, d = _project(g, p, a, u, lam)
       out_u.append(new_u), out_c.append(c), out_r.append(r), out_d.append(d)
-    unflat = treedef.unflatten
     new_state = SPDState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         anchor=state.anchor,
-        condition=unflat(out_c),
-        ratio=unflat(out_r),
-        deviation=unflat(out_d),
+        condition=scalar_def.unflatten(out_c),
+        ratio=scalar_def.unflatten(out_r),
+        deviation=scalar_def.unflatten(out_d),
     )
-    return unflat(out_u), new_state
+    return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
