@@ -1,5 +1,6 @@
 """Two processes, one global mesh: SPD on params sharded across processes
-(jax.distributed on 127.0.0.1, gloo CPU collectives) equals one process."""
+(jax.distributed on 127.0.0.1, gloo CPU collectives), checkpointed by both
+and resumed on another mesh, equals one process."""
 
 import os
 import pathlib
@@ -47,7 +48,8 @@ def _run_workers(tmp_path):
   outs = [tmp_path / f"process{i}.npz" for i in range(NUM_PROCESSES)]
   logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(NUM_PROCESSES)]
   procs = [subprocess.Popen(
-      [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out)],
+      [sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(out),
+       str(tmp_path / "ckpt")],
       env=_child_env(), stdout=log, stderr=subprocess.STDOUT, cwd=str(WORKER.parent))
       for i, (out, log) in enumerate(zip(outs, logs))]
   try:
@@ -75,6 +77,7 @@ def _run_workers(tmp_path):
                     reason="this jaxlib has no CPU collectives (gloo) option")
 def test_two_processes_match_one(tmp_path):
   results = _run_workers(tmp_path)
+  assert (tmp_path / "ckpt" / "3" / "opt_state").is_dir()   # saved by both
 
   # The single-process run: one device, no sharding.
   tx = spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK)

@@ -300,13 +300,6 @@ def _nnx_sharded_training():
   return model, opt, kernel0, losses
 
 
-@pytest.mark.xfail(
-    raises=(ValueError, AssertionError), strict=False,
-    reason="spd_optax core: SPDState.condition/ratio/deviation are unflattened "
-           "with the params' treedef, so under nnx.Optimizer each per-leaf "
-           "scalar becomes an OptVariable carrying its kernel's sharding and "
-           "flax fails to shard a scalar with P('data', 'model'). Fix: build "
-           "those trees with jax.tree.structure(params, is_leaf=<Variable>).")
 def test_flax_nnx_sharded_optimizer():
   model, opt, kernel0, losses = _nnx_sharded_training()
   assert losses[-1] < losses[0]
