@@ -21,7 +21,8 @@ def main(process_id: int, num_processes: int, port: int, out: str,
          ckpt_dir: str) -> None:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", 2)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if "jax_cpu_collectives_implementation" in jax.config.values:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=f"127.0.0.1:{port}",
       num_processes=num_processes,

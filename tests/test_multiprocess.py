@@ -39,8 +39,6 @@ def _child_env() -> dict[str, str]:
   return env
 
 
-def _gloo_available() -> bool:
-  return "jax_cpu_collectives_implementation" in jax.config.values
 
 
 def _run_workers(tmp_path):
@@ -73,8 +71,8 @@ def _run_workers(tmp_path):
   return [dict(np.load(out)) for out in outs]
 
 
-@pytest.mark.skipif(not _gloo_available(),
-                    reason="this jaxlib has no CPU collectives (gloo) option")
+@pytest.mark.skipif(sys.platform == "win32",
+                    reason="jaxlib has no CPU collectives (gloo) on Windows")
 def test_two_processes_match_one(tmp_path):
   results = _run_workers(tmp_path)
   assert (tmp_path / "ckpt" / "3" / "opt_state").is_dir()   # saved by both
