@@ -14,7 +14,8 @@ class Config:
   severities: tuple[int, ...]
   batch_size: int
   steps: int
-  learning_rate: float
+  learning_rate: float       # of the pre-trained backbone
+  head_lr_multiplier: float  # the new head's learning rate, relative
   warmup_steps: int
   search_seed: int           # strengths are searched on this seed only...
   seeds: tuple[int, ...]     # ...and the chosen strength is run on all of these
@@ -39,7 +40,7 @@ PRESETS = {
     # Seconds, for the tests: the real weights and code path, two blocks only.
     "smoke": Config(
         image_size=28, num_layers=2, n_train=64, n_val=32, n_test=32, n_digits=32,
-        severities=(3,), batch_size=8, steps=6, learning_rate=1e-4, warmup_steps=2,
+        severities=(3,), batch_size=8, steps=6, learning_rate=1e-4, head_lr_multiplier=10.0, warmup_steps=2,
         search_seed=0, seeds=(0,),
         strengths={"adamw": (0.1,), "l2sp": (1.0,), "spd": (1.0,)},
         eval_batch=32, log_every=2, checkpoint_every=2),
@@ -47,12 +48,12 @@ PRESETS = {
     "cpu": Config(
         image_size=28, num_layers=None, n_train=3500, n_val=250, n_test=250,
         n_digits=500, severities=(1, 3, 5), batch_size=16, steps=80,
-        learning_rate=1e-4, warmup_steps=8, search_seed=0, seeds=(0, 1, 2),
+        learning_rate=3e-5, head_lr_multiplier=10.0, warmup_steps=8, search_seed=0, seeds=(0, 1, 2),
         strengths=_STRENGTHS, eval_batch=250, log_every=10, checkpoint_every=40),
     # Same recipe at 112px (8x8 patches), all data, more steps and seeds.
     "gpu": Config(
         image_size=112, num_layers=None, n_train=3500, n_val=500, n_test=1000,
         n_digits=None, severities=(1, 2, 3, 4, 5), batch_size=64, steps=1500,
-        learning_rate=5e-5, warmup_steps=100, search_seed=0, seeds=(0, 1, 2, 3, 4),
+        learning_rate=2e-5, head_lr_multiplier=10.0, warmup_steps=100, search_seed=0, seeds=(0, 1, 2, 3, 4),
         strengths=_STRENGTHS, eval_batch=500, log_every=50, checkpoint_every=250),
 }

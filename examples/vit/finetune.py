@@ -72,8 +72,8 @@ def backbone_mask(params):
 
 
 @functools.cache
-def make_optimizer(method: str, learning_rate: float, warmup_steps: int,
-                   steps: int) -> optax.GradientTransformation:
+def make_optimizer(method: str, learning_rate: float, warmup_steps: int, steps: int,
+                   head_lr_multiplier: float) -> optax.GradientTransformation:
   """The three methods side by side. `strength` is injected as optimizer
   state, and the transformation is built once per method (it is part of what
   nnx.jit keys its cache on), so one compiled train step serves every
@@ -91,7 +91,12 @@ def make_optimizer(method: str, learning_rate: float, warmup_steps: int,
     return spd_optax.adam_spd(learning_rate, weight_decay=strength, mask=backbone_mask)
 
   factory = {"adamw": adamw, "l2sp": l2sp, "spd": spd}[method]
-  return optax.inject_hyperparams(factory)(learning_rate=schedule, strength=0.0)
+  tx = optax.inject_hyperparams(factory)(learning_rate=schedule, strength=0.0)
+  # The new head starts from zero and must learn fast, while every Adam step
+  # moves each pre-trained weight by about the learning rate: one rate for
+  # both either leaves the head behind or scrambles the features early on.
+  is_head = lambda params: jax.tree.map(lambda b: not b, backbone_mask(params))
+  return optax.chain(tx, optax.masked(optax.scale(head_lr_multiplier), is_head))
 
 
 # ------------------------------------------------------------ jitted pieces
@@ -190,9 +195,10 @@ class Experiment:
         return record
 
     model = self.new_model(seed)
-    tx = make_optimizer(method, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+    tx = make_optimizer(method, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+                        cfg.head_lr_multiplier)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    optimizer.opt_state.hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
+    optimizer.opt_state[0].hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
 
     ckpt = Checkpointer(self.checkpoint_dir(name))
     start = 0
@@ -252,7 +258,7 @@ class Experiment:
     path.write_text(json.dumps(record, indent=1))
     return record
 
-  def method(self, method: str) -> list[dict]:
+  def method(self, method: str) -> tuple[list[dict], list[dict]]:
     """Strength search on the search seed, then all seeds at the chosen strength."""
     cfg = self.cfg
     strengths = cfg.strengths[method]
