@@ -247,3 +247,26 @@ def test_smoke_run_writes_reports_and_resumes(tmp_path):
   for key in [("adamw", 0), ("adam_spd", 0)]:
     for col in ["id_ppl", "pydoc_ppl", "adapter_norm", "delta_w_norm"]:
       assert b[key][col] == pytest.approx(a[key][col], rel=1e-4), (key, col)
+
+
+def test_entry_point_with_safetensors_weights_and_strength_search(tmp_path, monkeypatch):
+  """`--weights` on a user's own (here tiny, random) checkpoint, with a
+  two-strength grid per method so the ID-validation selection runs too."""
+  import dataclasses
+
+  from examples.llm import configs
+
+  _tiny_hf_checkpoint(tmp_path / "weights", tie=False)
+  grid = dataclasses.replace(configs.PRESETS["smoke"], n_layers=None, steps=2,
+                             adamw_weight_decay=(0.0, 0.1), spd_strength=(0.5, 1.0))
+  monkeypatch.setitem(configs.PRESETS, "smoke", grid)
+  rows = finetune.main(["--preset", "smoke", "--results-dir", str(tmp_path / "out"),
+                        "--weights", str(tmp_path / "weights" / "model.safetensors")])
+  assert len(rows) == 1 + 4
+  assert all(np.isfinite(r["val_ppl"]) for r in rows)
+  for method in ["adamw", "adam_spd"]:
+    mine = [r for r in rows if r["method"] == method]
+    assert sum(r["selected"] for r in mine) == 1
+    best = min(mine, key=lambda r: r["val_ppl"])
+    assert best["selected"]
+  assert "val_ppl" in (tmp_path / "out" / "llm.md").read_text()
