@@ -15,7 +15,6 @@ pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

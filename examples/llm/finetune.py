@@ -11,7 +11,6 @@ the fine-tuning should keep), next to the adapters' norm.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import pathlib
@@ -69,6 +68,10 @@ def load_base(args):
     tok = tokenizer_lib.from_json(tok_path)
   else:
     tok = tokenizer_lib.from_gguf(convert.smollm2_gguf_path())
+  # JAX clamps out-of-range gathers instead of failing: check up front.
+  if tok.get_vocab_size() > cfg.vocab_size:
+    raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but the model's "
+                     f"vocabulary is {cfg.vocab_size}: pass its own --tokenizer")
   return cfg, tok, weights
 
 
