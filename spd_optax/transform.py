@@ -305,9 +305,14 @@ def adam_spd(
 
   Args:
     learning_rate: η, a float or an `optax` schedule.
-    b1, b2, eps: Adam's moment decay rates and denominator term.
+    b1: decay rate of Adam's first moment.
+    b2: decay rate of Adam's second moment.
+    eps: term added to Adam's denominator.
     weight_decay: SPD's strength λ >= 0 (a float or a schedule).
-    anchor, mask, anchor_dtype, anchor_on_host: as in
+    anchor: ``"params"`` or ``"zeros"``, as in `selective_projection_decay`.
+    mask: leaves SPD acts on, as in `selective_projection_decay`.
+    anchor_dtype: the anchor's storage dtype, as in `selective_projection_decay`.
+    anchor_on_host: keep the anchor in host memory, as in
       `selective_projection_decay`.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`).
 
