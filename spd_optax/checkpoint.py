@@ -76,7 +76,10 @@ def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
     is_masked = lambda x: isinstance(x, optax.MaskedNode)
     marks = jax.tree_util.tree_flatten_with_path(s.condition, is_leaf=is_masked)[0]
     anchors = ([None] * len(marks) if s.anchor is None else
-               jax.tree.structure(s.condition, is_leaf=is_masked).flatten_up_to(s.anchor))
+               jax.tree.leaves(s.anchor, is_leaf=is_masked))
+    if len(anchors) != len(marks):
+      raise ValueError(f"opt_state{where}: the anchor has {len(anchors)} leaves "
+                       f"for {len(marks)} params.")
     leaves = {}
     for (path, mark), a in zip(marks, anchors):
       entry = {"masked": is_masked(mark)}
