@@ -101,14 +101,10 @@ def _copy(x, dtype):
 
 def _sum4(*xs):
   """Four full sums from one variadic reduction, so XLA reads the operands'
-  inputs once for all four. Rows first, then the rest: row reductions
-  parallelise (CPU) and map onto thread blocks (GPU) better than one flat
-  reduction."""
+  inputs once for all four (separate sums read them four times)."""
   zero = jnp.zeros((), xs[0].dtype)
-  add = lambda a, b: tuple(x + y for x, y in zip(a, b))
-  if xs[0].ndim >= 2:
-    xs = lax.reduce(xs, (zero,) * 4, add, (xs[0].ndim - 1,))
-  return lax.reduce(xs, (zero,) * 4, add, tuple(range(xs[0].ndim)))
+  return lax.reduce(xs, (zero,) * 4, lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                    tuple(range(xs[0].ndim)))
 
 
 def _project(g, p, a, u, lam):
