@@ -6,6 +6,8 @@ and (GPU only by default) a LLaMA-style 1.35B model.
   python benchmarks/optimizer_step.py --sets vit_b16 --reps 30 --json out.json
 
 Prints a table of median milliseconds and ratios to optax.adamw; writes JSON.
+"naive SPD" is optax.adam plus SPD written per leaf the obvious way: what
+adam_spd's structure is measured against.
 """
 
 import argparse
@@ -52,10 +54,35 @@ def llama_1b_shapes() -> dict[str, tuple[int, ...]]:
 SETS = {"vit_b16": vit_b16_shapes, "llama_1b": llama_1b_shapes}
 
 
+def naive_spd(lr, weight_decay):
+  """SPD written the obvious way (as in the reference, per leaf, norms and
+  the condition as separate reductions), for comparison: SPD.md's "naive".
+  The state is (adam state, anchor)."""
+  adam = optax.adam(lr)
+
+  def init(params):
+    return adam.init(params), jax.tree.map(jnp.copy, params)
+
+  def update(grads, state, params):
+    u, inner = adam.update(grads, state[0], params)
+
+    def leaf(g, p, a, u):
+      cond = -jnp.sum(g * (p - a))
+      new = p + u
+      n_new, n_prev = jnp.linalg.norm(new - a), jnp.linalg.norm(p - a)
+      ratio = jnp.where(n_new > 0, jnp.clip((n_new - n_prev) / n_new, 0, 1), 0)
+      return jnp.where(cond < 0, new - weight_decay * ratio * (new - a) - p, u)
+
+    return jax.tree.map(leaf, grads, params, state[1], u), (inner, state[1])
+
+  return optax.GradientTransformation(init, update)
+
+
 def optimizers(lr=1e-4):
   return {
       "optax.adamw": optax.adamw(lr, weight_decay=0.1),
       "optax.adam": optax.adam(lr),
+      "naive SPD": naive_spd(lr, 1.0),
       "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0),
   }
 
