@@ -17,7 +17,7 @@ def test_golden_files_present():
   assert len(CASES) >= 4, f"expected the golden trajectories in {GOLDEN}"
 
 
-def _replay(z, meta, jit):
+def _replay(z, meta, jit, steps):
   names = meta["leaves"]
   params = {n: jax.numpy.asarray(z[f"init/{n}"]) for n in names}
   tx = spd_optax.adam_spd(
@@ -31,7 +31,7 @@ def _replay(z, meta, jit):
     return optax.apply_updates(params, updates), state
 
   step = jax.jit(step) if jit else step
-  for t in range(meta["steps"]):
+  for t in range(steps):
     grads = {n: jax.numpy.asarray(z[f"grad/{t}/{n}"]) for n in names}
     params, state = step(params, state, grads)
     yield t, params, state, grads
@@ -44,9 +44,11 @@ def test_replays_reference(path, jit):
   meta = json.loads(str(z["meta"]))
   f64 = meta["dtype"] == "float64"
   rtol = 1e-9 if f64 else 1e-5
+  # Eager dispatch is slow: the unjitted replay checks the first steps only.
+  steps = meta["steps"] if jit else 12
   fired = total = 0
   with jax.enable_x64(f64):
-    for t, params, state, grads in _replay(z, meta, jit):
+    for t, params, state, grads in _replay(z, meta, jit, steps):
       conditions = optax.tree_utils.tree_get(state, "condition")
       for n in meta["leaves"]:
         want = z[f"param/{t}/{n}"]
@@ -65,4 +67,5 @@ def test_replays_reference(path, jit):
         assert abs(float(conditions[n]) - c_ref) <= bound + 1e-30, (t, n)
         fired += c_ref < 0
         total += 1
-  np.testing.assert_allclose(fired / total, meta["fired_fraction"])
+  if steps == meta["steps"]:
+    np.testing.assert_allclose(fired / total, meta["fired_fraction"])
