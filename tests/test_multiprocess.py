@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 import spd_optax
-from test_sharding import MASK, host_grads, host_params, make_step
+from test_sharding import MASK, host_params, unsharded_run
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES = 2
@@ -78,14 +77,9 @@ def test_two_processes_match_one(tmp_path):
   assert (tmp_path / "ckpt" / "3" / "opt_state").is_dir()   # saved by both
 
   # The single-process run: one device, no sharding.
-  tx = spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK)
-  dev = jax.devices()[0]
-  params = jax.device_put(host_params(), dev)
-  state = jax.jit(tx.init)(params)
-  step = jax.jit(make_step(tx))
   from multiprocess_worker import STEPS
-  for t in range(STEPS):
-    params, state = step(params, state, jax.device_put(host_grads(t), dev))
+  params, state = unsharded_run(spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK),
+                                steps=STEPS)
 
   for got in results:
     for k, want in params.items():
