@@ -215,6 +215,7 @@ def selective_projection_decay(
     def acc_zero(p):
       return jnp.zeros((), _acc_dtype(p.dtype))
 
+    scalar_def = _scalar_def(params)
     anchors = None
     if anchor == "params":
       anchors = per_leaf(lambda p: _copy(p, anchor_dtype or p.dtype))
@@ -224,9 +225,9 @@ def selective_projection_decay(
         count=jnp.zeros((), jnp.int32),
         inner_state=inner.init(params),
         anchor=anchors,
-        condition=per_leaf(acc_zero, _scalar_def(params)),
-        ratio=per_leaf(acc_zero, _scalar_def(params)),
-        deviation=per_leaf(acc_zero, _scalar_def(params)),
+        condition=per_leaf(acc_zero, scalar_def),
+        ratio=per_leaf(acc_zero, scalar_def),
+        deviation=per_leaf(acc_zero, scalar_def),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -249,14 +250,10 @@ def selective_projection_decay(
     if anchor_on_host:
       anchors_l = [a if a is None or isinstance(a, optax.MaskedNode)
                    else jax.device_put(a, jax.memory.Space.Device) for a in anchors_l]
-    out_u, out_c, out_r, out_d = [], [], [], []
-    for g, p, a, u, mark in zip(grads_l, params_l, anchors_l, proposed_l, marks):
-      if isinstance(mark, optax.MaskedNode):
-        out_u.append(u)
-        out_c.append(mark), out_r.append(mark), out_d.append(mark)
-        continue
-      new_u, c, r, d = _project(g, p, a, u, lam)
-      out_u.append(new_u), out_c.append(c), out_r.append(r), out_d.append(d)
+    per_leaf = [(u, mark, mark, mark) if isinstance(mark, optax.MaskedNode)
+                else _project(g, p, a, u, lam)
+                for g, p, a, u, mark in zip(grads_l, params_l, anchors_l, proposed_l, marks)]
+    out_u, out_c, out_r, out_d = (list(col) for col in zip(*per_leaf)) if per_leaf else ([],) * 4
     new_state = SPDState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,

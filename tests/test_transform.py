@@ -243,3 +243,9 @@ def test_non_floating_leaf():
   # masked off, it is fine
   spd_optax.selective_projection_decay(optax.identity(), 1.0,
                                        mask={"w": True, "step": False}).init(params)
+
+
+def test_empty_params():
+  tx = spd_optax.adam_spd(0.1)
+  updates, state = tx.update({}, tx.init({}), {})
+  assert updates == {} and spd_optax.spd_stats(state)["deviation"] == 0
