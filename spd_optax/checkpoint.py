@@ -26,17 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from spd_optax.transform import SPDState
+from spd_optax.state import _is_masked, spd_states_with_paths
 
 FORMAT = 1
-
-
-def _spd_states(opt_state) -> list[tuple[str, SPDState]]:
-  is_spd = lambda x: isinstance(x, SPDState)
-  flat = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_spd)[0]
-  return [(jax.tree_util.keystr(p), s) for p, s in flat if is_spd(s)]
 
 
 def _bits(x) -> jax.Array:
@@ -72,25 +65,24 @@ def _host_int(x) -> int:
 def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
   """Layout (and optionally checksums) of every SPD anchor in opt_state."""
   states = {}
-  for where, s in _spd_states(opt_state):
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    marks = jax.tree_util.tree_flatten_with_path(s.condition, is_leaf=is_masked)[0]
+  for where, s in spd_states_with_paths(opt_state):
+    marks = jax.tree_util.tree_flatten_with_path(s.condition, is_leaf=_is_masked)[0]
     anchors = ([None] * len(marks) if s.anchor is None else
-               jax.tree.leaves(s.anchor, is_leaf=is_masked))
+               jax.tree.leaves(s.anchor, is_leaf=_is_masked))
     if len(anchors) != len(marks):
       raise ValueError(f"opt_state{where}: the anchor has {len(anchors)} leaves "
                        f"for {len(marks)} params.")
     leaves = {}
     for (path, mark), a in zip(marks, anchors):
-      entry = {"masked": is_masked(mark)}
-      if a is not None and not is_masked(a):
+      entry = {"masked": _is_masked(mark)}
+      if a is not None and not _is_masked(a):
         entry.update(shape=list(a.shape), dtype=jnp.dtype(a.dtype).name)
       leaves[jax.tree_util.keystr(path)] = entry
     states[where] = {"anchor": "zeros" if s.anchor is None else "stored",
                      "leaves": leaves}
     if with_checksums and s.anchor is not None:
       stored = [(k, a) for k, a in zip(leaves, anchors)
-                if a is not None and not is_masked(a)]
+                if a is not None and not _is_masked(a)]
       sums = _checksums([a for _, a in stored])
       for (k, _), c in zip(stored, sums):
         leaves[k]["checksum"] = _host_int(c)

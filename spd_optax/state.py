@@ -13,8 +13,14 @@ def _is_spd(x) -> bool:
   return isinstance(x, SPDState)
 
 
+def spd_states_with_paths(state) -> list[tuple[str, SPDState]]:
+  """Every SPDState inside `state`, with its path (`jax.tree_util.keystr`)."""
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_spd)[0]
+  return [(jax.tree_util.keystr(p), s) for p, s in flat if _is_spd(s)]
+
+
 def _find(state) -> list[SPDState]:
-  found = [s for s in jax.tree.leaves(state, is_leaf=_is_spd) if _is_spd(s)]
+  found = [s for _, s in spd_states_with_paths(state)]
   if not found:
     raise ValueError("this optimizer state holds no SPDState: was it made by "
                      "spd_optax.selective_projection_decay or adam_spd?")
