@@ -1,6 +1,7 @@
 """Selective Projection Decay (Tian et al., NeurIPS 2024) for Optax."""
 
 from spd_optax import adam
+from spd_optax.layers import layer_axes_from_names
 from spd_optax.state import set_anchor
 from spd_optax.state import spd_stats
 from spd_optax.transform import adam_spd
@@ -13,6 +14,7 @@ __all__ = [
     "SPDState",
     "adam",
     "adam_spd",
+    "layer_axes_from_names",
     "selective_projection_decay",
     "set_anchor",
     "spd_stats",

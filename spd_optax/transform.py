@@ -1,6 +1,6 @@
 """Selective Projection Decay around any Optax optimizer."""
 
-import sys
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -10,21 +10,35 @@ import numpy as np
 import optax
 
 from spd_optax import adam
+from spd_optax import layers
+from spd_optax import trees
 
 ANCHORS = ("params", "zeros")
+
+# Kept under these names for the modules that import them from here.
+_is_variable = trees.is_variable
+_scalar_def = trees.scalar_def
+_leaf_paths = trees.leaf_paths
 
 
 class SPDState(NamedTuple):
   """State of `selective_projection_decay`.
+
+  The per-layer values (`condition`, `ratio`, `deviation`) are trees like
+  params holding, per leaf, an array of the shape of its layer axes: a
+  scalar for a leaf that is one layer (the default), ``[L]`` for a leaf
+  stacking L layers along ``layer_axes=0``. They are never params-shaped, so
+  `optax.tree_map_params` passes them to ``transform_non_params``.
 
   Attributes:
     count: steps taken, for a `weight_decay` schedule.
     inner_state: the base optimizer's state.
     anchor: θ_0 per leaf (like params); `optax.MaskedNode()` on leaves SPD
       leaves alone; `None` for the zero anchor, which stores nothing.
-    condition: per leaf, c_t = -<g_t, θ_{t-1} - θ_0> of the last step.
-    ratio: per leaf, the r_t applied at the last step (0 where SPD did not act).
-    deviation: per leaf, ‖θ_t - θ_0‖ after the last step.
+    condition: per layer, c_t = -<g_t, θ_{t-1} - θ_0> of the last step.
+    ratio: per layer, the r_t applied at the last step: 0 wherever no decay
+      was applied (c_t >= 0, nothing moved away, or λ = 0).
+    deviation: per layer, ‖θ_t - θ_0‖ after the last step.
   """
   count: jax.Array
   inner_state: optax.OptState
@@ -41,46 +55,54 @@ def _acc_dtype(dtype) -> jnp.dtype:
 
 
 def check_non_negative(name: str, value) -> None:
-  """Raises for a concrete negative value; traced values (under
+  """Raises for a concrete negative or NaN value; traced values (under
   `optax.inject_hyperparams` inside `jit`) and schedules pass through."""
   if callable(value) or isinstance(value, jax.core.Tracer):
     return
-  if np.any(np.asarray(value) < 0):
-    raise ValueError(f"{name} must be >= 0, got {value}.")
+  value = np.asarray(value)
+  if np.any(np.isnan(value)) or np.any(value < 0):
+    raise ValueError(f"{name} must be >= 0 and not NaN, got {value}.")
 
 
-def _is_variable(x) -> bool:
-  # flax.nnx Variables carry their param's metadata (e.g. its sharding); the
-  # per-leaf scalars must not inherit it, so they are built with Variables as
-  # leaves. Looked up lazily: flax is not a dependency.
-  nnx = sys.modules.get("flax.nnx")
-  return nnx is not None and isinstance(x, nnx.Variable)
+def check_float_dtype(name: str, dtype) -> Any:
+  """`dtype` as a floating dtype (or None); raises at build time otherwise."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f"{name} must be a dtype, got an array ({dtype!r}): "
+        "optax.inject_hyperparams turns dtype arguments into arrays (a dtype "
+        f"is callable, so it is taken for a schedule). Pass static_args=('{name}',).")
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{name} must be a dtype, got {dtype!r}.") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point dtype, got {dtype}: an "
+                     "integer anchor would truncate the pre-trained weights.")
+  return dtype
 
 
-def _scalar_def(params) -> jax.tree_util.PyTreeDef:
-  """Structure of the per-leaf scalar trees: params' with Variables as leaves."""
-  return jax.tree.structure(params, is_leaf=_is_variable)
-
-
-def _leaf_paths(params) -> list[str]:
-  return [jax.tree_util.keystr(path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+def _is_bool(x) -> bool:
+  if isinstance(x, (bool, np.bool_)):
+    return True
+  return (isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+          and x.shape == () and x.dtype == np.bool_)
 
 
 def resolve_mask(mask, params) -> list[bool]:
   """The mask as one Python bool per leaf of params, in flatten order."""
-  leaves, treedef = jax.tree.flatten(params)
   if mask is None:
-    return [True] * len(leaves)
+    return [True] * len(jax.tree.leaves(params))
   if callable(mask):
     mask = mask(params)
-  try:
-    flags = treedef.flatten_up_to(mask)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "mask must have the structure of params (one bool per leaf, or a "
-        f"callable returning one); got {jax.tree.structure(mask)} for params "
-        f"{treedef}.") from e
+  flags = trees.broadcast_prefix(mask, params, "mask")
+  for path, flag in zip(_leaf_paths(params), flags):
+    if not _is_bool(flag):
+      hint = (" optax.inject_hyperparams calls a callable mask as a schedule: "
+              "pass static_args=('mask',) to it." if isinstance(flag, jax.Array) else "")
+      raise TypeError(f"mask entries must be bools; got {flag!r} for "
+                      f"params{path}.{hint}")
   return [bool(f) for f in flags]
 
 
@@ -99,23 +121,44 @@ def _copy(x, dtype):
   return jnp.array(x, dtype=dtype, copy=True)
 
 
-def _sum4(*xs):
-  """Four full sums from one variadic reduction, so XLA reads the operands'
-  inputs once for all four (separate sums read them four times)."""
-  zero = jnp.zeros((), xs[0].dtype)
-  return lax.reduce(xs, (zero,) * 4, lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                    tuple(range(xs[0].ndim)))
+def _add(a, b):
+  return tuple(x + y for x, y in zip(a, b))
 
 
-def _project(g, p, a, u, lam):
-  """SPD for one leaf. Returns (update, condition, ratio, deviation)."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _sums(xs, axes):
+  """Sums of every x in `xs` over `axes`, from one variadic reduction, so
+  XLA reads the operands' inputs once for all (separate sums read them once
+  each)."""
+  zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+  return lax.reduce(xs, zeros, _add, axes)
+
+
+@_sums.defjvp
+def _sums_jvp(axes, primals, tangents):
+  # A variadic reduction has no JVP or transpose in JAX; the sums are
+  # linear, so their tangents are sums too, as ordinary (transposable) ones.
+  (xs,), (dxs,) = primals, tangents
+  return _sums(xs, axes), tuple(jnp.sum(dx, axis=axes) for dx in dxs)
+
+
+def _sqrt(x):
+  # sqrt with a finite derivative at 0 (at step 1 nothing has moved yet).
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _project(g, p, a, u, lam, axes):
+  """SPD for one leaf whose layers index `axes`. Returns (update, condition,
+  ratio, deviation), the last three of the shape of those axes."""
   acc = _acc_dtype(p.dtype)
+  reduced = tuple(i for i in range(p.ndim) if i not in axes)
   p_acc, u_acc = p.astype(acc), u.astype(acc)
   d = p_acc if a is None else p_acc - a.astype(acc)  # θ_{t-1} - θ_0
-  gd, dd, du, uu = _sum4(g.astype(acc) * d, d * d, d * u_acc, u_acc * u_acc)
+  gd, dd, du, uu = _sums((g.astype(acc) * d, d * d, d * u_acc, u_acc * u_acc), reduced)
   condition = -gd
-  norm_prev = jnp.sqrt(dd)
-  norm_new = jnp.sqrt(jnp.maximum(dd + 2 * du + uu, 0))  # ‖θ̃_t - θ_0‖
+  norm_prev = _sqrt(dd)
+  norm_new = _sqrt(dd + 2 * du + uu)  # ‖θ̃_t - θ_0‖
   # ‖θ̃-θ_0‖ - ‖θ_{t-1}-θ_0‖ without the cancellation of subtracting norms.
   growth = (2 * du + uu) / jnp.where(norm_new + norm_prev > 0, norm_new + norm_prev, 1)
   # The reference divides by ‖θ̃ - θ_0‖ unguarded; where it is 0 nothing moved
@@ -124,13 +167,37 @@ def _project(g, p, a, u, lam):
                     jnp.clip(growth / jnp.where(norm_new > 0, norm_new, 1), 0, 1), 0)
   ratio = jnp.where(condition < 0, ratio, 0)
   scale = lam.astype(acc) * ratio
+  # `!= 0` rather than `> 0`: a NaN strength (traced, so it cannot raise)
+  # must show in the result, not silently switch SPD off.
+  applied = scale != 0
+  ratio = jnp.where(applied, ratio, 0)
+  scale_b = jnp.expand_dims(scale, reduced)
   # θ_t = θ̃_t - scale·(θ̃_t - θ_0), formed as the reference forms it, then
   # expressed as an update. `where`, not arithmetic, so a leaf SPD leaves
   # alone gets the inner update bit for bit (θ̃ - θ_{t-1} would round).
   tilde = p_acc + u_acc
-  update = jnp.where(scale > 0, (tilde - scale * (d + u_acc) - p_acc).astype(u.dtype), u)
+  update = jnp.where(jnp.expand_dims(applied, reduced),
+                     (tilde - scale_b * (d + u_acc) - p_acc).astype(u.dtype), u)
   deviation = jnp.abs(1 - scale) * norm_new
   return update, condition, ratio, deviation
+
+
+def _flatten_as(treedef, tree, what: str, made_for) -> list:
+  """`treedef.flatten_up_to(tree)`, with an error that says which leaves differ."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    def names(t):
+      is_leaf = lambda x: _is_variable(x) or isinstance(x, optax.MaskedNode)
+      return {jax.tree_util.keystr(k) for k, _ in
+              jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]}
+    have, want = names(tree), names(made_for)
+    raise ValueError(
+        f"{what} does not have the structure of the params the SPD state was "
+        f"made for at init: missing {sorted(want - have) or 'none'}, extra "
+        f"{sorted(have - want) or 'none'} (structures {jax.tree.structure(tree)} "
+        f"and {jax.tree.structure(made_for)}). Pass the same tree of params to "
+        "init and update, or init a new state.") from None
 
 
 def selective_projection_decay(
@@ -139,13 +206,15 @@ def selective_projection_decay(
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
+    layer_axes: Any | Callable[[optax.Params], Any] = None,
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
-  Per leaf (parameter tensor), with raw gradient $g_t$, the base optimizer's
-  update $u_t$ and the anchor $\theta_0$:
+  Per layer (a parameter tensor, or one index along its ``layer_axes``), with
+  raw gradient $g_t$, the base optimizer's update $u_t$ and the anchor
+  $\theta_0$:
 
   $$
   \begin{aligned}
@@ -158,10 +227,15 @@ def selective_projection_decay(
   \end{aligned}
   $$
 
-  Decay acts only on leaves where moving further from the anchor no longer
+  Decay acts only on layers where moving further from the anchor no longer
   lowers the loss ($c_t < 0$), and only by as much as the step moved away
   from it. $\lambda$ is not multiplied by the learning rate. Norms are
-  Frobenius norms of whole leaves, accumulated in at least float32.
+  Frobenius norms over the layer, accumulated in at least float32.
+
+  SPD acts on the update the inner optimizer returns. Around optimizers
+  that keep a second sequence of iterates (e.g. `optax.contrib.schedule_free`,
+  whose update moves the evaluated params y), SPD decays those params
+  towards the anchor; the inner sequence z in its state is not decayed.
 
   Example:
     ```python
@@ -176,15 +250,32 @@ def selective_projection_decay(
   Args:
     inner: the base optimizer; its updates are the proposed step $u_t$.
     weight_decay: λ >= 0, a float or an `optax` schedule of the step count.
+      A concrete negative or NaN value is refused; a traced or scheduled
+      value cannot be checked: negative values act as 0, NaN makes the
+      updates NaN.
     anchor: ``"params"`` copies the params given to ``init`` (full
       fine-tuning); ``"zeros"`` uses θ_0 = 0 and stores nothing (LoRA and
       other adapters). To anchor elsewhere, see `spd_optax.set_anchor`.
-    mask: a pytree of bools like params, or a callable returning one. Leaves
-      marked False (a new head, norms, biases) get the inner update unchanged
-      and store no anchor.
-    anchor_dtype: dtype to store the anchor in (default: each param's own);
-      ``jnp.bfloat16`` halves its memory for float32 params. The run is then
-      exactly SPD anchored at the params rounded to that dtype.
+    mask: bools (Python or NumPy) in a tree like params or a prefix of it,
+      or a callable of params returning one. Leaves marked False (a new
+      head, norms, biases) get the inner update unchanged and store no
+      anchor. Under `optax.inject_hyperparams`, a callable mask needs
+      ``static_args=("mask",)``.
+    layer_axes: which axes of a leaf index separate layers, for models that
+      stack L blocks in one leaf (`nnx.scan`, `linen.scan`, `lax.scan`):
+      None (the leaf is one layer), an int, or a tuple of ints per leaf, in
+      a tree like params or a prefix of it (``{"blocks": 0}``), or a
+      callable of params returning one (called at ``init`` and ``update``).
+      SPD then acts per index along those axes exactly as it would on L
+      separate leaves, and the state holds one condition, ratio and
+      deviation per layer. `spd_optax.layer_axes_from_names` reads the tree
+      off a scanned model's partition names. Under `optax.inject_hyperparams`,
+      pass ``static_args=("layer_axes",)``.
+    anchor_dtype: a floating dtype to store the anchor in (default: each
+      param's own); ``jnp.bfloat16`` halves its memory for float32 params.
+      The run is then exactly SPD anchored at the params rounded to that
+      dtype. Under `optax.inject_hyperparams`, pass
+      ``static_args=("anchor_dtype",)``.
     anchor_on_host: keep the anchor in host memory (``pinned_host``, on
       backends with memory kinds: GPU, TPU, CPU) and move it in each step.
       Saves one param-sized buffer of device memory; costs a host-to-device
@@ -192,6 +283,13 @@ def selective_projection_decay(
 
   Returns:
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
+
+  Raises:
+    ValueError, TypeError: at construction for a bad ``anchor``,
+      ``weight_decay``, ``anchor_dtype`` or ``layer_axes``; at ``init`` for a
+      mask or ``layer_axes`` that does not fit params (naming the leaf), or a
+      non-floating leaf SPD would act on; at ``update`` for params whose
+      structure differs from those given to ``init``.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -201,34 +299,47 @@ def selective_projection_decay(
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
                      "any other anchor use spd_optax.set_anchor after init.")
   check_non_negative("weight_decay", weight_decay)
+  anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
+  layers.check_layer_axes(layer_axes)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    if trees.is_placeholder(params):
+      return _placeholder_state(params)
     flags = resolve_mask(mask, params)
     _check_floating(params, flags)
+    axes = layers.resolve(layer_axes, params)
     leaves, treedef = jax.tree.flatten(params)
 
     def per_leaf(fn, treedef=treedef):
-      return treedef.unflatten(
-          [fn(p) if on else optax.MaskedNode() for p, on in zip(leaves, flags)])
+      return treedef.unflatten([fn(p, ax) if on else optax.MaskedNode()
+                                for p, ax, on in zip(leaves, axes, flags)])
 
-    def acc_zero(p):
-      return jnp.zeros((), _acc_dtype(p.dtype))
+    def per_layer_zeros(p, ax):
+      return jnp.zeros(tuple(p.shape[i] for i in ax), _acc_dtype(p.dtype))
 
     scalar_def = _scalar_def(params)
     anchors = None
     if anchor == "params":
-      anchors = per_leaf(lambda p: _copy(p, anchor_dtype or p.dtype))
+      anchors = per_leaf(lambda p, _: _copy(p, anchor_dtype or p.dtype))
       if anchor_on_host:
         anchors = jax.device_put(anchors, jax.memory.Space.Host)
     return SPDState(
         count=jnp.zeros((), jnp.int32),
         inner_state=inner.init(params),
         anchor=anchors,
-        condition=per_leaf(acc_zero, scalar_def),
-        ratio=per_leaf(acc_zero, scalar_def),
-        deviation=per_leaf(acc_zero, scalar_def),
+        condition=per_leaf(per_layer_zeros, scalar_def),
+        ratio=per_leaf(per_layer_zeros, scalar_def),
+        deviation=per_leaf(per_layer_zeros, scalar_def),
     )
+
+  def _placeholder_state(params):
+    # For optax.tree_map_params: the anchor and the inner state map like
+    # params; count and the per-layer values go to transform_non_params.
+    zero = jnp.zeros(())
+    return SPDState(count=zero, inner_state=inner.init(params),
+                    anchor=params if anchor == "params" else None,
+                    condition=zero, ratio=zero, deviation=zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -237,22 +348,32 @@ def selective_projection_decay(
     proposed, inner_state = inner.update(updates, state.inner_state, params,
                                          **extra_args)
     lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
-    lam = jnp.asarray(lam)
+    lam = jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
 
     treedef = jax.tree.structure(params)
-    params_l = treedef.flatten_up_to(params)
-    grads_l = treedef.flatten_up_to(updates)
-    proposed_l = treedef.flatten_up_to(proposed)
     scalar_def = _scalar_def(params)
-    marks = scalar_def.flatten_up_to(state.condition)
+    marks = _flatten_as(scalar_def, state.condition, "params", state.condition)
+    params_l = treedef.flatten_up_to(params)
+    grads_l = _flatten_as(treedef, updates, "the gradients", params)
+    proposed_l = treedef.flatten_up_to(proposed)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
     if anchor_on_host:
       anchors_l = [a if a is None or isinstance(a, optax.MaskedNode)
                    else jax.device_put(a, jax.memory.Space.Device) for a in anchors_l]
-    per_leaf = [(u, mark, mark, mark) if isinstance(mark, optax.MaskedNode)
-                else _project(g, p, a, u, lam)
-                for g, p, a, u, mark in zip(grads_l, params_l, anchors_l, proposed_l, marks)]
+    axes_l = layers.resolve(layer_axes, params)
+    _check_layer_shapes(params, params_l, axes_l, marks)
+
+    def one(g, p, a, u, ax, mark):
+      if isinstance(mark, optax.MaskedNode):
+        return u, mark, mark, mark
+      u, *per_layer = _project(g, p, a, u, lam, ax)
+      # The state's dtypes stay those of init whatever the grads' dtype, so
+      # a lax.scan carry or a jitted step's signature does not change.
+      return (u, *(v.astype(mark.dtype) for v in per_layer))
+
+    per_leaf = [one(*leaf) for leaf in
+                zip(grads_l, params_l, anchors_l, proposed_l, axes_l, marks)]
     out_u, out_c, out_r, out_d = (list(col) for col in zip(*per_leaf)) if per_leaf else ([],) * 4
     new_state = SPDState(
         count=optax.safe_increment(state.count),
@@ -267,6 +388,20 @@ def selective_projection_decay(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_layer_shapes(params, params_l, axes_l, marks) -> None:
+  for path, p, ax, mark in zip(_leaf_paths(params), params_l, axes_l, marks):
+    if isinstance(mark, optax.MaskedNode):
+      continue
+    want = tuple(np.shape(p)[i] for i in ax)
+    if tuple(np.shape(mark)) != want:
+      raise ValueError(
+          f"params{path}: layer_axes give per-layer shape {want} at update, but "
+          f"the state made at init holds {tuple(np.shape(mark))}. A callable "
+          "layer_axes must give the same axes for the params at init and at "
+          "update (nnx.Optimizer passes plain arrays at update, without "
+          "metadata): compute the tree once and pass it.")
+
+
 def adam_spd(
     learning_rate: float | optax.Schedule,
     b1: float = 0.9,
@@ -276,6 +411,7 @@ def adam_spd(
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
+    layer_axes: Any | Callable[[optax.Params], Any] = None,
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
@@ -304,20 +440,25 @@ def adam_spd(
     weight_decay: SPD's strength λ >= 0 (a float or a schedule).
     anchor: ``"params"`` or ``"zeros"``, as in `selective_projection_decay`.
     mask: leaves SPD acts on, as in `selective_projection_decay`.
+    layer_axes: the axes of stacked leaves that index layers, as in
+      `selective_projection_decay`.
     anchor_dtype: the anchor's storage dtype, as in `selective_projection_decay`.
     anchor_on_host: keep the anchor in host memory, as in
       `selective_projection_decay`.
-    mu_dtype: dtype of Adam's first moment (as in `optax.adam`).
+    mu_dtype: dtype of Adam's first moment (as in `optax.adam`); under
+      `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models](https://arxiv.org/abs/2411.01713), NeurIPS 2024.
   """
   check_non_negative("learning_rate", learning_rate)
+  mu_dtype = check_float_dtype("mu_dtype", mu_dtype)
   inner = optax.chain(
       adam.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
   return selective_projection_decay(inner, weight_decay, anchor, mask,
+                                    layer_axes=layer_axes,
                                     anchor_dtype=anchor_dtype,
                                     anchor_on_host=anchor_on_host)

@@ -222,7 +222,7 @@ def test_update_without_params():
 
 def test_mask_structure_mismatch():
   tx = spd_optax.adam_spd(0.1, mask={"w": True})
-  with pytest.raises(ValueError, match="mask must have the structure of params"):
+  with pytest.raises(ValueError, match="mask must be a tree like params or a prefix of it"):
     tx.init(_params())
 
 
