@@ -96,6 +96,15 @@ def resolve_mask(mask, params) -> list[bool]:
     return [True] * len(jax.tree.leaves(params))
   if callable(mask):
     mask = mask(params)
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)) and not (
+      jax.tree_util.treedef_is_leaf(_scalar_def(params))):
+    # One value for a whole tree is what optax.inject_hyperparams makes of a
+    # callable mask (it calls it with the step count): never take it as "all".
+    raise TypeError(
+        f"mask is the single value {mask!r} for a tree of params: give a bool "
+        "per leaf or per subtree (mask=None decays every leaf). Under "
+        "optax.inject_hyperparams, a callable mask is called as a schedule: "
+        "pass static_args=('mask',) to it.")
   flags = trees.broadcast_prefix(mask, params, "mask")
   for path, flag in zip(_leaf_paths(params), flags):
     if not _is_bool(flag):
@@ -182,8 +191,10 @@ def _project(g, p, a, u, lam, axes):
   return update, condition, ratio, deviation
 
 
-def _flatten_as(treedef, tree, what: str, made_for) -> list:
-  """`treedef.flatten_up_to(tree)`, with an error that says which leaves differ."""
+def _flatten_as(treedef, tree, what: str, given, made_for) -> list:
+  """`treedef.flatten_up_to(tree)`; if the two differ, an error that names
+  the leaves `given` (what the caller passed) lacks or adds against
+  `made_for` (what the state was made for)."""
   try:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError):
@@ -191,11 +202,11 @@ def _flatten_as(treedef, tree, what: str, made_for) -> list:
       is_leaf = lambda x: _is_variable(x) or isinstance(x, optax.MaskedNode)
       return {jax.tree_util.keystr(k) for k, _ in
               jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]}
-    have, want = names(tree), names(made_for)
+    have, want = names(given), names(made_for)
     raise ValueError(
-        f"{what} does not have the structure of the params the SPD state was "
+        f"{what} do not have the structure of the params the SPD state was "
         f"made for at init: missing {sorted(want - have) or 'none'}, extra "
-        f"{sorted(have - want) or 'none'} (structures {jax.tree.structure(tree)} "
+        f"{sorted(have - want) or 'none'} (structures {jax.tree.structure(given)} "
         f"and {jax.tree.structure(made_for)}). Pass the same tree of params to "
         "init and update, or init a new state.") from None
 
@@ -345,16 +356,19 @@ def selective_projection_decay(
     if params is None:
       raise ValueError("selective_projection_decay needs the current params: "
                        "call tx.update(grads, state, params).")
+    # Checked first, so a mismatch is reported here and not deep inside the
+    # inner optimizer's tree_map.
+    treedef = jax.tree.structure(params)
+    scalar_def = _scalar_def(params)
+    marks = _flatten_as(scalar_def, state.condition, "the params", params,
+                        state.condition)
+    grads_l = _flatten_as(treedef, updates, "the gradients", updates, params)
+    params_l = treedef.flatten_up_to(params)
+
     proposed, inner_state = inner.update(updates, state.inner_state, params,
                                          **extra_args)
     lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
     lam = jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
-
-    treedef = jax.tree.structure(params)
-    scalar_def = _scalar_def(params)
-    marks = _flatten_as(scalar_def, state.condition, "params", state.condition)
-    params_l = treedef.flatten_up_to(params)
-    grads_l = _flatten_as(treedef, updates, "the gradients", params)
     proposed_l = treedef.flatten_up_to(proposed)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))

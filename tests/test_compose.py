@@ -148,3 +148,166 @@ def test_flax_nnx_optimizer_with_head_masked_off():
   stats = spd_optax.spd_stats(opt.opt_state)
   assert float(stats["deviation"]) > 0
   assert float(stats["decayed_fraction"]) >= 0
+
+
+# --- optax idioms on an SPD state (hardening) ----------------------------------
+
+def test_inject_hyperparams_anchor_dtype():
+  # A dtype is callable, so inject_hyperparams takes it for a schedule: it
+  # would reach adam_spd as a float array and be dropped. Refused, with the fix.
+  with pytest.raises(TypeError, match=r"static_args=\('anchor_dtype',\)"):
+    optax.inject_hyperparams(spd_optax.adam_spd)(
+        0.05, anchor_dtype=jnp.bfloat16).init(_params())
+  tx = optax.inject_hyperparams(spd_optax.adam_spd, static_args=("anchor_dtype",))(
+      0.05, anchor_dtype=jnp.bfloat16)
+  state = tx.init(_params())
+  assert {a.dtype for a in jax.tree.leaves(state.inner_state.anchor)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.bool_])
+def test_non_floating_anchor_dtype_refused(dtype):
+  with pytest.raises(ValueError, match="floating-point dtype"):
+    spd_optax.adam_spd(0.05, anchor_dtype=dtype)
+  with pytest.raises(ValueError, match="floating-point dtype"):
+    spd_optax.adam_spd(0.05, mu_dtype=dtype)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, optax.constant_schedule(0.0)])
+def test_stats_report_only_applied_decay(weight_decay):
+  def decayed_per_step(tx, params=_params()):
+    state, out = tx.init(params), []
+    for t in range(8):
+      updates, state = tx.update(_grads_like(params, 1 + t), state, params)
+      params = optax.apply_updates(params, updates)
+      out.append(float(spd_optax.spd_stats(state)["decayed_fraction"]))
+      assert float(spd_optax.spd_stats(state)["mean_ratio"]) >= 0
+    return out, state
+
+  fractions, state = decayed_per_step(spd_optax.adam_spd(0.05, weight_decay=weight_decay))
+  assert fractions == [0.0] * 8
+  chex.assert_trees_all_equal(state.ratio, jax.tree.map(jnp.zeros_like, state.ratio))
+  # Control: with λ > 0 the same run does decay.
+  fractions, _ = decayed_per_step(spd_optax.adam_spd(0.05, weight_decay=1.0))
+  assert max(fractions) > 0
+
+
+def test_nan_strength_refused_and_negative_schedule_clipped():
+  with pytest.raises(ValueError, match="weight_decay must be >= 0 and not NaN"):
+    spd_optax.adam_spd(0.05, weight_decay=float("nan"))
+  with pytest.raises(ValueError, match="learning_rate must be >= 0 and not NaN"):
+    spd_optax.adam_spd(float("nan"))
+  # A schedule cannot be checked when built: its negative values act as 0.
+  params = _params()
+  neg, _ = _run(spd_optax.adam_spd(0.05, weight_decay=lambda count: -1.0), params, 6)
+  zero, _ = _run(spd_optax.adam_spd(0.05, weight_decay=0.0), params, 6)
+  chex.assert_trees_all_equal(neg, zero)
+
+
+def test_traced_nan_strength_shows_in_the_updates():
+  tx = optax.inject_hyperparams(spd_optax.adam_spd)(learning_rate=0.05, weight_decay=0.5)
+  params = _params()
+  state = tx.init(params)
+  state.hyperparams["weight_decay"] = jnp.asarray(jnp.nan)
+  updates, _ = jax.jit(tx.update)(_grads_like(params, 1), state, params)
+  assert all(np.isnan(np.asarray(u)).any() for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("mask", [{"w": "no", "b": True, "head": {"w": True}},
+                                  {"w": 1, "b": True, "head": {"w": True}},
+                                  {"w": None, "b": True, "head": {"w": True}}])
+def test_non_bool_mask_refused(mask):
+  with pytest.raises((TypeError, ValueError), match="mask"):
+    spd_optax.adam_spd(0.05, mask=mask).init(_params())
+
+
+def test_prefix_mask():
+  params = _params()
+  prefix = {"w": True, "b": True, "head": False}
+  full = {"w": True, "b": True, "head": {"w": False}}
+  got, state = _run(spd_optax.adam_spd(0.05, mask=prefix), params, 4)
+  want, _ = _run(spd_optax.adam_spd(0.05, mask=full), params, 4)
+  chex.assert_trees_all_equal(got, want)
+  assert isinstance(state.anchor["head"]["w"], optax.MaskedNode)
+
+
+def test_callable_mask_under_inject_hyperparams():
+  mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  with pytest.raises(TypeError, match=r"static_args=\('mask',\)"):
+    optax.inject_hyperparams(spd_optax.adam_spd)(0.05, mask=mask).init(_params())
+  tx = optax.inject_hyperparams(spd_optax.adam_spd, static_args=("mask",))(0.05, mask=mask)
+  state = tx.init(_params())
+  assert isinstance(state.inner_state.anchor["b"], optax.MaskedNode)
+
+
+def test_update_with_other_params_says_which_leaves():
+  tx = spd_optax.adam_spd(0.05)
+  params = _params()
+  state = tx.init(params)
+  other = {"w": params["w"], "b": params["b"], "tail": params["head"]}
+  with pytest.raises(ValueError, match=r"missing \[\"\['head'\]\['w'\]\"\].*extra \[\"\['tail'\]"):
+    tx.update(other, state, other)
+  with pytest.raises(ValueError, match="the gradients do not have the structure"):
+    tx.update({"w": params["w"]}, state, params)
+
+
+def test_tree_map_params_cast_and_specs():
+  params = _params()
+  tx = spd_optax.adam_spd(0.05, mask={"w": True, "b": False, "head": True})
+  state = tx.init(params)
+  cast = optax.tree_map_params(tx, lambda p: p.astype(jnp.bfloat16), state)
+  assert cast.anchor["w"].dtype == jnp.bfloat16
+  assert isinstance(cast.anchor["b"], optax.MaskedNode)
+  chex.assert_trees_all_equal(cast.condition, state.condition)   # not cast
+  specs = jax.tree.map(lambda p: f"spec{p.ndim}", params)
+  got = optax.tree_map_params(tx, lambda _, s: s, state, specs,
+                              transform_non_params=lambda _: "replicated",
+                              is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  assert got.anchor["w"] == "spec2" and got.inner_state[0].mu == specs
+  assert got.condition == "replicated" and got.count == "replicated"
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_differentiable_through_update(mode):
+  # Hypergradient of the loss after a few steps w.r.t. the learning rate,
+  # against central finite differences in float64.
+  with jax.enable_x64(True):
+    params0 = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
+    # A target near θ_0: Adam overshoots it, then SPD pulls back.
+    target = jax.tree.map(lambda p, g: p + 0.1 * g.astype(jnp.float64), params0,
+                          _grads_like(_params(), 9))
+
+    def loss(p):
+      return sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
+                                                       jax.tree.leaves(target)))
+
+    def after_steps(lr):
+      tx = spd_optax.adam_spd(lr, weight_decay=1.0)
+      p, state, decayed = params0, tx.init(params0), []
+      for _ in range(4):
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        p = optax.apply_updates(p, updates)
+        decayed.append(spd_optax.spd_stats(state)["decayed_fraction"])
+      return loss(p), decayed
+
+    lr = 0.1
+    f = lambda lr: after_steps(lr)[0]
+    # The run must pass through decayed steps for the check to mean anything.
+    assert max(map(float, after_steps(lr)[1])) > 0
+    h = 1e-6
+    want = (f(lr + h) - f(lr - h)) / (2 * h)
+    got = jax.grad(f)(lr) if mode == "reverse" else jax.jvp(f, (lr,), (1.0,))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_schedule_free_inner_sequence_is_not_decayed():
+  # SPD acts on the update schedule-free returns (it moves the evaluated
+  # params y); its own z sequence stays as the inner optimizer keeps it.
+  params = _params()
+  inner = optax.contrib.schedule_free_sgd(0.5)
+  tx = spd_optax.selective_projection_decay(inner, weight_decay=1.0)
+  spd_params, state = _run(tx, params, 6)
+  plain_params, plain_state = _run(inner, params, 6)
+  chex.assert_trees_all_equal(state.inner_state.z, plain_state.z)  # grads fixed
+  diff = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(spd_params),
+                                                jax.tree.leaves(plain_params))]
+  assert max(diff) > 0  # SPD did act on the params

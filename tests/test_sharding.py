@@ -146,14 +146,15 @@ def collectives(hlo: str) -> dict[str, list[int]]:
   return found
 
 
-def assert_moves_no_leaf_data(hlo: str, mesh) -> dict[str, list[int]]:
+def assert_moves_no_leaf_data(hlo: str, mesh, specs=SPECS, shapes=SHAPES
+                              ) -> dict[str, list[int]]:
   """The step may only exchange partial sums for the per-leaf reductions:
   every collective returns fewer elements than the smallest shard of any
   leaf, so no leaf, and no shard of params, anchor, moments or gradients,
   is gathered or moved."""
   smallest_shard = min(
-      int(np.prod(NamedSharding(mesh, SPECS[k]).shard_shape(SHAPES[k])))
-      for k in SHAPES)
+      int(np.prod(NamedSharding(mesh, specs[k]).shard_shape(shapes[k])))
+      for k in shapes)
   ops = collectives(hlo)
   for op in ("reduce-scatter", "all-to-all", "collective-permute"):
     assert op not in ops, f"the SPD step moves leaf data: {op} {ops[op]}"
@@ -322,3 +323,78 @@ def test_flax_nnx_sharded_optimizer():
 def nnx_pure(tree):
   from flax import nnx
   return nnx.as_pure(tree)
+
+
+# --- stacked layers, sharded along the layer axis ------------------------------
+
+L = 4
+STACKED_SHAPES = {"blocks_w": (L, 32, 128), "blocks_b": (L, 128), "head": (32, 64)}
+STACKED_SPECS = {"blocks_w": P("data", None, "model"),  # layers over 'data'
+                 "blocks_b": P("data", "model"), "head": P(None, "model")}
+LAYER_AXES = {"blocks_w": 0, "blocks_b": 0, "head": None}
+
+
+def stacked_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: rng.standard_normal(s, np.float32) for k, s in sorted(STACKED_SHAPES.items())}
+
+
+def stacked_grads(t):
+  rng = np.random.default_rng(300 + t)
+  bias = np.float32(-0.5 if t < 3 else 0.5)
+  return {k: 0.3 * rng.standard_normal(s, np.float32) + bias
+          for k, s in sorted(STACKED_SHAPES.items())}
+
+
+def test_stacked_layers_sharded_along_layer_axis():
+  tx = spd_optax.adam_spd(0.05, weight_decay=1.0, layer_axes=LAYER_AXES)
+  mesh = make_mesh()
+  psh = {k: NamedSharding(mesh, s) for k, s in STACKED_SPECS.items()}
+  params = jax.device_put(stacked_params(), psh)
+  replicated = NamedSharding(mesh, P())
+
+  # optax's recipe: the anchor and Adam's moments map like params, the
+  # per-layer values go to transform_non_params (here: replicated).
+  abstract = jax.eval_shape(tx.init, params)
+  ssh = optax.tree_map_params(tx, lambda _, s: s, abstract, psh,
+                              transform_non_params=lambda _: replicated)
+  assert ssh.anchor == psh and ssh.inner_state[0].mu == psh
+  assert ssh.condition == replicated
+  state = jax.jit(tx.init, out_shardings=ssh)(params)
+  for k in params:
+    assert state.anchor[k].sharding.is_equivalent_to(psh[k], params[k].ndim)
+  assert state.condition["blocks_w"].shape == (L,)
+  assert state.condition["blocks_w"].sharding.is_fully_replicated
+
+  step = jax.jit(make_step(tx), donate_argnums=(0, 1), out_shardings=(psh, ssh))
+  hlo = step.lower(params, state, jax.device_put(stacked_grads(0), psh)).compile().as_text()
+  smallest = min(int(np.prod(psh[k].shard_shape(STACKED_SHAPES[k]))) for k in psh)
+  for op, sizes in collectives(hlo).items():
+    assert max(sizes) < smallest, f"the stacked step moves leaf data: {op} {sizes}"
+
+  acted = 0
+  for t in range(STEPS):
+    params, state = step(params, state, jax.device_put(stacked_grads(t), psh))
+    acted += np.count_nonzero(np.asarray(state.ratio["blocks_w"]))
+  assert acted > 0, "SPD never acted: the test would not exercise it"
+  ratios = np.asarray(state.ratio["blocks_w"])
+
+  # The same run unsharded, and per layer as separate leaves.
+  flat = {f"w{i}": stacked_params()["blocks_w"][i] for i in range(L)}
+  flat_tx = spd_optax.adam_spd(0.05, weight_decay=1.0)
+  flat_state = flat_tx.init(flat)
+  for t in range(STEPS):
+    g = {f"w{i}": stacked_grads(t)["blocks_w"][i] for i in range(L)}
+    u, flat_state = flat_tx.update(g, flat_state, flat)
+    flat = optax.apply_updates(flat, u)
+  np.testing.assert_allclose(jax.device_get(params["blocks_w"]),
+                             np.stack([flat[f"w{i}"] for i in range(L)]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ratios, [flat_state.ratio[f"w{i}"] for i in range(L)],
+                             rtol=1e-4, atol=1e-6)
+
+  # A cast through optax.tree_map_params: params-shaped state only.
+  cast = optax.tree_map_params(tx, lambda p: p.astype(jnp.bfloat16), state)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(cast.anchor))
+  assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(cast.inner_state[0].mu))
+  chex.assert_trees_all_equal(cast.condition, state.condition)
+  chex.assert_trees_all_equal(cast.ratio, state.ratio)
