@@ -75,6 +75,9 @@ def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
     leaves = {}
     for (path, mark), a in zip(marks, anchors):
       entry = {"masked": _is_masked(mark)}
+      if not _is_masked(mark):
+        # One value per layer: shape () unless the leaf stacks layers.
+        entry["layers"] = list(np.shape(mark))
       if a is not None and not _is_masked(a):
         entry.update(shape=list(a.shape), dtype=jnp.dtype(a.dtype).name)
       leaves[jax.tree_util.keystr(path)] = entry
@@ -113,6 +116,10 @@ def _layout_errors(saved, target) -> list[str]:
             "masked off when saved (no anchor stored), but the target's mask "
             "includes it" if se["masked"] else
             "stored when saved, but the target's mask excludes it"))
+      elif se.get("layers", []) != te.get("layers", []):
+        errors.append(f"params{leaf}: saved with {se.get('layers', [])} layers "
+                      f"(per-layer shape), the target has {te.get('layers', [])}: "
+                      "build the optimizer with the same layer_axes")
       elif (se.get("shape"), se.get("dtype")) != (te.get("shape"), te.get("dtype")):
         errors.append(f"anchor{leaf}: saved as {se.get('dtype')}{se.get('shape')}, "
                       f"the target is {te.get('dtype')}{te.get('shape')}")
@@ -185,7 +192,7 @@ def restore(directory, params_target, opt_state_target, step: int | None = None)
       raise ValueError(
           f"{where} does not fit the target optimizer state:\n  - "
           + "\n  - ".join(errors) + "\nBuild the optimizer exactly as in the "
-          "run that saved it (same anchor, mask and anchor_dtype); to change "
+          "run that saved it (same anchor, mask, layer_axes and anchor_dtype); to change "
           "the anchor, restore first, then use spd_optax.set_anchor.")
     try:
       out = mngr.restore(step, args=ocp.args.Composite(

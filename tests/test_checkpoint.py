@@ -266,3 +266,23 @@ def test_checkpoint_without_manifest(saved_run, tmp_path):
   # ... while plain Orbax restores it
   _, got = _orbax_restore(tmp_path / "plain", *_targets(tx, mesh, psh))
   chex.assert_trees_all_equal(jax.device_get(got.anchor), jax.device_get(state.anchor))
+
+
+def test_stacked_layers_round_trip_and_layer_axes_checked(tmp_path):
+  from test_sharding import LAYER_AXES, stacked_grads, stacked_params
+  tx = spd_optax.adam_spd(0.05, weight_decay=1.0, layer_axes=LAYER_AXES)
+  params = stacked_params()
+  state = tx.init(params)
+  step = jax.jit(make_step(tx))
+  for t in range(4):
+    params, state = step(params, state, stacked_grads(t))
+  spd_ckpt.save(tmp_path / "ckpt", 4, params, state)
+  got_params, got_state = spd_ckpt.restore(tmp_path / "ckpt", params,
+                                           jax.eval_shape(tx.init, params))
+  chex.assert_trees_all_equal(got_params, params)
+  chex.assert_trees_all_equal(got_state, state)
+  assert got_state.ratio["blocks_w"].shape == (4,)
+  # A target built without layer_axes holds one value per leaf: refused.
+  flat_target = jax.eval_shape(spd_optax.adam_spd(0.05).init, params)
+  with pytest.raises(ValueError, match="same layer_axes"):
+    spd_ckpt.restore(tmp_path / "ckpt", params, flat_target)
