@@ -1,18 +1,22 @@
 """Times one jitted, donated optimizer step: adam_spd against optax.adamw and
 optax.adam, alternating in one run, on parameter sets shaped like ViT-B/16
-and (GPU only by default) a LLaMA-style 1.35B model.
+and (GPU only by default) a LLaMA-style 1.35B model, each also with its
+blocks stacked into one leaf per weight (as scanned models store them).
 
   python benchmarks/optimizer_step.py                # sets that fit the backend
   python benchmarks/optimizer_step.py --sets vit_b16 --reps 30 --json out.json
 
 Prints a table of median milliseconds and ratios to optax.adamw; writes JSON.
 "naive SPD" is optax.adam plus SPD written per leaf the obvious way: what
-adam_spd's structure is measured against.
+adam_spd's structure is measured against. A stacked set runs adam_spd with
+``layer_axes`` (per layer) and, alternating with it, adam_spd on the same
+model unstacked: "stacked / unstacked" compares the two.
 """
 
 import argparse
 import json
 import platform
+import re
 import statistics
 import time
 
@@ -51,7 +55,25 @@ def llama_1b_shapes() -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-SETS = {"vit_b16": vit_b16_shapes, "llama_1b": llama_1b_shapes}
+def stack_blocks(shapes):
+  """The same model with block i's weights stacked along a leading axis:
+  ``block{i}/qkv/w`` -> ``blocks/qkv/w`` of shape [L, ...]. Returns the
+  shapes and the ``layer_axes`` (0 for the stacked leaves)."""
+  stacked, layers = {}, {}
+  for key, shape in shapes.items():
+    m = re.fullmatch(r"(block|layer)\d+/(.+)", key)
+    if m is None:
+      stacked[key] = shape
+      continue
+    name = f"{m[1]}s/{m[2]}"
+    layers[name] = layers.get(name, 0) + 1
+    stacked[name] = shape
+  shapes = {k: (layers[k],) + s if k in layers else s for k, s in stacked.items()}
+  return shapes, {k: 0 if k in layers else None for k in shapes}
+
+
+SETS = {"vit_b16": vit_b16_shapes, "llama_1b": llama_1b_shapes,
+        "vit_b16_stacked": vit_b16_shapes, "llama_1b_stacked": llama_1b_shapes}
 
 
 def naive_spd(lr, weight_decay):
@@ -78,12 +100,22 @@ def naive_spd(lr, weight_decay):
   return optax.GradientTransformation(init, update)
 
 
-def optimizers(lr=1e-4):
+def optimizers(shapes, stacked, lr=1e-4):
+  """name -> (optimizer, parameter shapes) for one set."""
+  if not stacked:
+    return {
+        "optax.adamw": (optax.adamw(lr, weight_decay=0.1), shapes),
+        "optax.adam": (optax.adam(lr), shapes),
+        "naive SPD": (naive_spd(lr, 1.0), shapes),
+        "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
+    }
+  stacked_shapes, layer_axes = stack_blocks(shapes)
   return {
-      "optax.adamw": optax.adamw(lr, weight_decay=0.1),
-      "optax.adam": optax.adam(lr),
-      "naive SPD": naive_spd(lr, 1.0),
-      "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0),
+      "optax.adamw": (optax.adamw(lr, weight_decay=0.1), stacked_shapes),
+      "optax.adam": (optax.adam(lr), stacked_shapes),
+      "adam_spd unstacked": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
+      "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
+                   stacked_shapes),
   }
 
 
@@ -100,34 +132,38 @@ def random_tree(shapes, seed):
           for k, s in shapes.items()}
 
 
-def bench(shapes, reps, warmup=3):
+def bench(shapes, reps, stacked=False, warmup=3):
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
-  grads = random_tree(shapes, 1)
   runs = {}
-  for name, tx in optimizers().items():
-    params = random_tree(shapes, 0)
+  for name, (tx, tx_shapes) in optimizers(shapes, stacked).items():
+    params, grads = random_tree(tx_shapes, 0), random_tree(tx_shapes, 1)
     state = jax.jit(tx.init)(params)
     step = make_step(tx)
     for _ in range(warmup):  # compile, then let SPD's condition start firing
       params, state = step(params, state, grads)
     jax.block_until_ready(params)
-    runs[name] = [step, params, state, []]
+    runs[name] = [step, params, state, grads, []]
   for _ in range(reps):  # alternate, so drifting clocks hit all alike
     for name, run in runs.items():
-      step, params, state, times = run
+      step, params, state, grads, times = run
       t0 = time.perf_counter()
       params, state = step(params, state, grads)
       jax.block_until_ready((params, state))
       times.append(time.perf_counter() - t0)
       run[1], run[2] = params, state
-  med = {k: 1e3 * statistics.median(r[3]) for k, r in runs.items()}
-  return {"params": n, "leaves": len(shapes), "median_ms": med,
-          "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()}}
+  med = {k: 1e3 * statistics.median(r[4]) for k, r in runs.items()}
+  out = {"params": n, "leaves": len(stack_blocks(shapes)[0] if stacked else shapes),
+         "median_ms": med,
+         "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()}}
+  if stacked:
+    out["stacked_over_unstacked"] = med["adam_spd"] / med["adam_spd unstacked"]
+  return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  default = ["vit_b16", "llama_1b"] if jax.default_backend() != "cpu" else ["vit_b16"]
+  default = (list(SETS) if jax.default_backend() != "cpu"
+             else ["vit_b16", "vit_b16_stacked"])
   parser.add_argument("--sets", nargs="+", choices=SETS, default=default)
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--json", default="benchmarks/optimizer_step.json")
@@ -139,14 +175,18 @@ def main(argv=None):
              "reps": args.reps, "sets": {}}
   print(f"{results['device']} ({results['backend']}), jax {jax.__version__}, "
         f"{args.reps} alternating reps, float32, jitted + donated step")
-  print(f"| set | params | leaves | {' | '.join(optimizers())} | adam_spd / adamw |")
-  print("| --- | --- | --- |" + " --- |" * (len(optimizers()) + 1))
   for name in args.sets:
-    r = bench(SETS[name](), args.reps)
+    r = bench(SETS[name](), args.reps, stacked=name.endswith("_stacked"))
     results["sets"][name] = r
+    print(f"\n| set | params | leaves | {' | '.join(r['median_ms'])} | adam_spd / adamw |"
+          + (" stacked / unstacked |" if "stacked_over_unstacked" in r else ""))
+    print("| --- | --- | --- |" + " --- |" * (len(r["median_ms"]) + 1)
+          + (" --- |" if "stacked_over_unstacked" in r else ""))
     ms = " | ".join(f"{v:.2f} ms" for v in r["median_ms"].values())
     print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['leaves']} | {ms} | "
-          f"{r['ratio_to_adamw']['adam_spd']:.2f}x |", flush=True)
+          f"{r['ratio_to_adamw']['adam_spd']:.2f}x |"
+          + (f" {r['stacked_over_unstacked']:.2f}x |" if "stacked_over_unstacked" in r else ""),
+          flush=True)
   with open(args.json, "w") as f:
     json.dump(results, f, indent=2)
 
