@@ -36,6 +36,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   keep working. With it, `adam_spd` follows the authors' PyTorch AdamSPD to
   within 1e-6 relative over whole float32 trajectories; with optax's own
   (float32 ``1 - b2**t``) the early-step error is about 1e-5 and compounds.
+
+  ``mu`` and ``nu`` keep the dtypes ``init`` gives them (``mu_dtype``, else
+  the params'), whatever the gradients' dtype, so the state can be a
+  `jax.lax.scan` carry; the update is formed before they are rounded.
+
+  Example:
+    ```python
+    tx = optax.chain(spd_optax.adam.scale_by_adam(),
+                     optax.scale_by_learning_rate(1e-3))
+    ```
   """
 
   def init_fn(params):
@@ -57,7 +67,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(v.dtype)
 
     new_updates = jax.tree.map(scale, mu, nu)
-    mu = otu.tree_cast(mu, mu_dtype)
+    # The moments keep the dtypes init gave them (mu_dtype or the params'):
+    # grads of another dtype (f32 grads, bf16 params) promote them, which
+    # changes a lax.scan carry's type and retraces a jitted step.
+    mu = otu.tree_cast_like(mu, state.mu)
+    nu = otu.tree_cast_like(nu, state.nu)
     return new_updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
