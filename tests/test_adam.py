@@ -17,7 +17,7 @@ def _dtypes(tree):
   return jax.tree.map(lambda x: x.dtype, tree)
 
 
-@pytest.mark.parametrize("params_dtype,grads_dtype", itertools.product(DTYPES, DTYPES))
+@pytest.mark.parametrize("params_dtype,grads_dtype", list(itertools.product(DTYPES, DTYPES)))
 def test_state_dtypes_do_not_change_in_update(params_dtype, grads_dtype):
   # bf16 params with f32 grads once promoted Adam's moments to f32 at the
   # first step: a lax.scan carry then changes type and jit retraces.
