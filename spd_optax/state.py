@@ -30,11 +30,15 @@ def _find(state) -> list[SPDState]:
 def spd_stats(state) -> dict[str, jax.Array]:
   """A few scalars worth logging every few steps, from the last step's SPD.
 
-  Returns a dict of float32 scalars (jit-friendly, no host transfer):
-    - ``decayed_fraction``: share of SPD leaves that SPD pulled back at the
-      last step (c_t < 0 and r_t > 0). Zero for a long time means SPD is not
-      acting: λ may be too small to matter or the run is still early.
-    - ``mean_ratio``: mean r_t over SPD leaves (0 for leaves not decayed).
+  The unit is a layer: an SPD leaf, or one index along the ``layer_axes``
+  of a leaf stacking layers (a leaf of L stacked blocks counts as L units,
+  as if they were separate leaves). Returns a dict of float32 scalars
+  (jit-friendly, no host transfer):
+    - ``decayed_fraction``: share of units SPD pulled back at the last step
+      (applied ratio r_t > 0). Zero for a long time means SPD is not acting:
+      λ may be too small to matter or the run is still early.
+    - ``mean_ratio``: mean over units of the applied ratio r_t, which is 0
+      wherever no decay was applied (c_t >= 0, nothing moved away, or λ = 0).
     - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
       the zero anchor this is the norm of the adapters.
 
@@ -48,11 +52,12 @@ def spd_stats(state) -> dict[str, jax.Array]:
   for s in _find(state):
     ratios += jax.tree.leaves(s.ratio)
     deviations += jax.tree.leaves(s.deviation)
-  if not ratios:
+  if not sum(jnp.size(r) for r in ratios):
     zero = jnp.zeros((), jnp.float32)
     return {"decayed_fraction": zero, "mean_ratio": zero, "deviation": zero}
-  ratios = jnp.stack([r.astype(jnp.float32) for r in ratios])
-  deviations = jnp.stack([d.astype(jnp.float32) for d in deviations])
+  # Scalars and per-layer arrays alike: every element is one unit.
+  flat = lambda xs: jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in xs])
+  ratios, deviations = flat(ratios), flat(deviations)
   return {
       "decayed_fraction": jnp.mean((ratios > 0).astype(jnp.float32)),
       "mean_ratio": jnp.mean(ratios),

@@ -140,3 +140,19 @@ def test_anchor_on_host():
     np.testing.assert_allclose(x, y, rtol=1e-6)
   s = spd_optax.set_anchor(s, params)
   assert {a.sharding.memory_kind for a in jax.tree.leaves(s.anchor)} == {"pinned_host"}
+
+
+def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
+  # A leaf stacking L layers holds [L] values: each layer is one unit, as
+  # if the layers were separate leaves.
+  f32 = lambda *v: jnp.asarray(v if len(v) > 1 else v[0], jnp.float32)
+  state = spd_optax.SPDState(
+      count=jnp.ones((), jnp.int32), inner_state=(), anchor=None,
+      condition={"blocks": f32(-1, 2, -3), "head": f32(-1), "b": optax.MaskedNode()},
+      ratio={"blocks": f32(0.5, 0, 0.25), "head": f32(0.0), "b": optax.MaskedNode()},
+      deviation={"blocks": f32(1, 2, 2), "head": f32(4), "b": optax.MaskedNode()})
+  stats = jax.jit(spd_optax.spd_stats)(state)
+  np.testing.assert_allclose(stats["decayed_fraction"], 2 / 4)
+  np.testing.assert_allclose(stats["mean_ratio"], 0.75 / 4)
+  np.testing.assert_allclose(stats["deviation"], 5.0)  # sqrt(1 + 4 + 4 + 16)
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in stats.values())
