@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spd_optax.transform import SPDState, _copy
+from spd_optax.transform import SPDState, _copy, _is_variable
 
 
 def _is_spd(x) -> bool:
@@ -66,53 +66,101 @@ def spd_stats(state) -> dict[str, jax.Array]:
 
 
 def set_anchor(state, anchor):
-  """Returns `state` with its SPD anchor replaced by `anchor` (like params).
+  """Returns `state` with its stored SPD anchors replaced from `anchor`.
 
   For an anchor other than the params given to ``init``: resuming from
   fine-tuned weights with the pre-trained ones as anchor, or a different
-  reference model. The arrays stay arguments of whatever step function takes
-  the state, never constants compiled into it. Each leaf is copied and cast to
-  the stored anchor's dtype and placed like it (same sharding and memory
-  kind); leaves masked off keep no anchor.
+  reference model. `anchor` is a tree like the params: a plain pytree, a
+  `flax.nnx.State` (``nnx.state(model, nnx.Param)``) or its
+  ``nnx.to_pure_dict``. Leaves are matched by their path in the tree, with
+  nnx Variables unwrapped, so the containers may differ from the state's
+  (e.g. ``Param`` against the ``OptVariable`` an `nnx.Optimizer` stores).
+
+  Every SPD part of the state that stores an anchor takes its own leaves
+  from the one `anchor` tree: under ``optax.multi_transform`` or
+  ``optax.masked`` a part stores only the leaves of its partition, and
+  leaves outside it or masked off by SPD's ``mask`` (``optax.MaskedNode`` in
+  its anchor) store nothing. Parts made with ``anchor="zeros"`` store no
+  anchor and are skipped.
+
+  Each leaf is copied and cast to the stored anchor's dtype and placed like
+  it (same sharding and memory kind); the state keeps its own structure and
+  wrappers. The arrays stay arguments of whatever step function takes the
+  state, never constants compiled into it.
 
   Example:
     ```python
     state = tx.init(finetuned_params)
     state = spd_optax.set_anchor(state, pretrained_params)
+    # with flax.nnx:
+    opt.opt_state = spd_optax.set_anchor(opt.opt_state,
+                                         nnx.state(pretrained, nnx.Param))
     ```
 
   Raises:
-    ValueError: if the state has the zero anchor or no SPD part, or `anchor`
-      does not have the structure of params.
+    ValueError: if no SPD part of the state stores an anchor, or `anchor`
+      lacks a leaf one stores, has leaves the params do not, or has a leaf
+      of another shape (naming the leaves).
   """
-  count = len(_find(state))
-  if count != 1:
-    raise ValueError(f"the state holds {count} SPDStates; set each anchor on its "
-                     "own sub-state.")
+  parts = [s for s in _find(state) if s.anchor is not None]
+  if not parts:
+    raise ValueError("no SPD part of this state stores an anchor: with "
+                     "anchor='zeros' there is none to set; create it with "
+                     "anchor='params' to set one.")
+  given = _by_path(anchor)
+  known, missing, wrong = set(), [], []
+  for s in parts:
+    for key, old in _by_path(s.anchor, keep_masked=True).items():
+      known.add(key)
+      if _is_masked(old):
+        continue
+      if key not in given:
+        missing.append(_name(key))
+      elif jnp.shape(given[key]) != old.shape:
+        wrong.append(f"{_name(key)} of shape {jnp.shape(given[key])} does not "
+                     f"match the stored anchor's {old.shape}")
+  extra = [_name(k) for k in given if k not in known]
+  if missing or extra:
+    raise ValueError(
+        "the anchor must have the structure of the params the state was made "
+        f"for: missing {missing or 'none'}, extra {extra or 'none'}.")
+  if wrong:
+    raise ValueError(f"anchor leaf {'; '.join(wrong)}.")
 
   def replace(s):
-    if not _is_spd(s):
-      return s
-    if s.anchor is None:
-      raise ValueError("this SPD state uses anchor='zeros', which stores no "
-                       "anchor; create it with anchor='params' to set one.")
-    treedef = jax.tree.structure(s.anchor, is_leaf=_is_masked)
-    try:
-      new = treedef.flatten_up_to(anchor)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "the anchor must have the structure of the params the state was "
-          f"made for ({treedef}); got {jax.tree.structure(anchor)}.") from e
-    old = treedef.flatten_up_to(s.anchor)
-    for n, o in zip(new, old):
-      if not _is_masked(o) and jnp.shape(n) != o.shape:
-        raise ValueError(f"anchor leaf of shape {jnp.shape(n)} does not match "
-                         f"the stored anchor's {o.shape}.")
-    leaves = [o if _is_masked(o) else _place_like(_copy(n, o.dtype), o)
-              for n, o in zip(new, old)]
+    if not _is_spd(s) or s.anchor is None:
+      return s  # Variables outside SPD parts stay the same objects
+    flat, treedef = jax.tree_util.tree_flatten_with_path(s.anchor, is_leaf=_is_masked)
+    leaves = [o if _is_masked(o) else _place_like(_copy(given[_key(p)], o.dtype), o)
+              for p, o in flat]
     return s._replace(anchor=treedef.unflatten(leaves))
 
-  return jax.tree.map(replace, state, is_leaf=_is_spd)
+  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or _is_variable(x))
+
+
+def _key(path) -> tuple:
+  # A leaf's place in the tree, whatever holds it: a dict entry, a dataclass
+  # field, a list index and an nnx.State entry with the same key are one
+  # place; an nnx Variable's `.value` is not part of it.
+  return tuple(_raw_key(k) for k in path
+               if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+
+
+def _raw_key(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return k
+
+
+def _name(key) -> str:
+  return "".join(f"[{k!r}]" for k in key)
+
+
+def _by_path(tree, keep_masked=False) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=_is_masked if keep_masked else None)[0]
+  return {_key(p): x for p, x in flat}
 
 
 def _place_like(new, old):

@@ -1,10 +1,12 @@
 """spd_stats and set_anchor."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import spd_optax
 from test_transform import _grads_like, _params, _run
@@ -156,3 +158,132 @@ def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
   np.testing.assert_allclose(stats["mean_ratio"], 0.75 / 4)
   np.testing.assert_allclose(stats["deviation"], 5.0)  # sqrt(1 + 4 + 4 + 16)
   assert all(v.shape == () and v.dtype == jnp.float32 for v in stats.values())
+
+
+# --- set_anchor on flax.nnx and on states with several SPD parts ---------------
+
+class _Net(nnx.Module):
+
+  def __init__(self, rngs):
+    self.body = nnx.Linear(6, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.gelu(self.body(x)))
+
+
+def _apply(p, x):
+  # _Net on a plain dict of its params, for the plain-pytree reference run.
+  h = jax.nn.gelu(x @ p["body"]["kernel"] + p["body"]["bias"])
+  return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("as_pure_dict", [False, True], ids=["nnx_state", "pure_dict"])
+def test_set_anchor_on_nnx_optimizer(as_pure_dict):
+  model, pretrained = _Net(nnx.Rngs(0)), _Net(nnx.Rngs(1))
+  start = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  anchor = nnx.state(pretrained, nnx.Param)
+  want_anchor = nnx.to_pure_dict(anchor)
+  tx = spd_optax.adam_spd(0.05, weight_decay=1.0)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  count = opt.opt_state.count
+  opt.opt_state = spd_optax.set_anchor(
+      opt.opt_state, nnx.to_pure_dict(anchor) if as_pure_dict else anchor)
+  stored = opt.opt_state.anchor["body"]["kernel"]
+  assert type(stored) is nnx.OptVariable  # the state keeps its own wrappers
+  np.testing.assert_array_equal(stored[...], want_anchor["body"]["kernel"])
+  assert opt.opt_state.count is count  # the rest of the state is untouched
+
+  x = jax.random.normal(jax.random.key(1), (32, 6))
+  loss = lambda out: jnp.mean((out - 1.0) ** 2)
+
+  @nnx.jit
+  def step(model, opt):
+    opt.update(model, nnx.grad(lambda m: loss(m(x)))(model))
+
+  for _ in range(5):
+    step(model, opt)
+  # The same run on plain dicts, anchored at the same params.
+  params, state = start, spd_optax.set_anchor(tx.init(start), want_anchor)
+  for _ in range(5):
+    updates, state = tx.update(jax.grad(lambda p: loss(_apply(p, x)))(params), state, params)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params,
+                              rtol=1e-5, atol=1e-6)
+  assert float(spd_optax.spd_stats(state)["decayed_fraction"]) > 0  # SPD acted
+
+
+LABELS = {"w": "full", "b": "full", "head": {"w": "other"}}
+FULL = {"w": True, "b": True, "head": False}
+OTHER = {"w": False, "b": False, "head": True}
+
+
+def _run_anchored(tx, params, anchor, steps=6):
+  state = tx.init(params)
+  if anchor is not None:
+    state = spd_optax.set_anchor(state, anchor)
+  for t in range(steps):
+    updates, state = tx.update(_grads_like(params, 1 + t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize("other_anchor", ["zeros", "params"])
+def test_set_anchor_on_multi_transform(other_anchor):
+  # Full fine-tuning on one partition and, on the other, a zero anchor (LoRA:
+  # skipped) or a second params anchor (set from the same tree).
+  params, new_anchor = _params(), _grads_like(_params(), 7)
+  full = lambda mask=None: spd_optax.adam_spd(0.05, weight_decay=1.0, mask=mask)
+  other = lambda mask=None: spd_optax.adam_spd(0.05, weight_decay=0.5,
+                                                anchor=other_anchor, mask=mask)
+  tx = optax.multi_transform({"full": full(), "other": other()}, LABELS)
+  got, state = _run_anchored(tx, params, new_anchor)
+  parts = state.inner_states
+  np.testing.assert_array_equal(parts["full"].inner_state.anchor["w"], new_anchor["w"])
+  assert isinstance(parts["full"].inner_state.anchor["head"]["w"], optax.MaskedNode)
+  if other_anchor == "params":
+    np.testing.assert_array_equal(parts["other"].inner_state.anchor["head"]["w"],
+                                  new_anchor["head"]["w"])
+    assert isinstance(parts["other"].inner_state.anchor["w"], optax.MaskedNode)
+  # Each partition follows its own optimizer anchored at the new tree.
+  want_full, _ = _run_anchored(full(FULL), params, new_anchor)
+  want_other, _ = _run_anchored(other(OTHER), params,
+                                new_anchor if other_anchor == "params" else None)
+  chex.assert_trees_all_close((got["w"], got["b"]), (want_full["w"], want_full["b"]),
+                              rtol=1e-6)
+  chex.assert_trees_all_close(got["head"], want_other["head"], rtol=1e-6)
+  default, _ = _run_anchored(tx, params, None)
+  assert not np.allclose(got["w"], default["w"])
+
+
+def test_set_anchor_names_the_leaves():
+  params = _params()
+  tx = optax.multi_transform({"full": spd_optax.adam_spd(0.05),
+                              "other": spd_optax.adam_spd(0.05)}, LABELS)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"missing \[\"\['head'\]\['w'\]\"\], extra "
+                                       r"\[\"\['tail'\]\"\]"):
+    spd_optax.set_anchor(state, {"w": params["w"], "b": params["b"], "tail": params["b"]})
+  with pytest.raises(ValueError, match=r"\['head'\]\['w'\] of shape \(2,\) does not match"):
+    spd_optax.set_anchor(state, dict(params, head={"w": jnp.ones(2)}))
+  zeros = optax.multi_transform(
+      {"full": spd_optax.adam_spd(0.05, anchor="zeros"),
+       "other": spd_optax.adam_spd(0.05, anchor="zeros")}, LABELS)
+  with pytest.raises(ValueError, match="anchor='zeros'"):
+    spd_optax.set_anchor(zeros.init(params), params)
+
+
+def test_set_anchor_keeps_the_stored_sharding():
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  params = {"w": jnp.zeros((16, 4)), "b": jnp.zeros((4,))}
+  spec = {"w": jax.P("data", None), "b": jax.P()}
+  shard = jax.tree.map(lambda s: jax.NamedSharding(mesh, s), spec)
+  tx = spd_optax.adam_spd(0.05)
+  old = jax.jit(tx.init)(jax.device_put(params, shard))
+  new = {"w": np.ones((16, 4), np.float64), "b": jnp.ones((4,), jnp.bfloat16)}
+  state = spd_optax.set_anchor(old, new)
+  for k in params:
+    assert state.anchor[k].sharding == old.anchor[k].sharding
+    assert state.anchor[k].sharding.is_equivalent_to(shard[k], params[k].ndim)
+    assert state.anchor[k].dtype == jnp.float32
+    np.testing.assert_array_equal(state.anchor[k], 1)
