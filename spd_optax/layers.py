@@ -91,7 +91,9 @@ def layer_axes_from_names(tree, name: str = "layers") -> Any:
   `name` into the sharding names of every param they stack (when the params
   were made with `nnx.with_partitioning` / `nn.with_partitioning`). The
   positions of `name` in a param's names are its layer axes; params without
-  it get None (one layer).
+  it get None (one layer). The scan stacks every param of the blocks, but
+  only those made with names carry the layer axis: give the blocks' biases
+  and norms names too, or pass a prefix such as ``{"blocks": 0}`` instead.
 
   Example:
     ```python

@@ -36,12 +36,16 @@ def grads(t, dtype=np.float32):
       lambda x: (0.5 * x + sign * rng.uniform(0, 1, ())).astype(dtype), tree)
 
 
-def run(tx, params, to_params, jit=False, steps=STEPS):
+def run(tx, params, to_params, jit=False, steps=STEPS, acted=None):
+  """Steps with the gradients of `grads`; appends to `acted` how many layers
+  SPD pulled back at each step."""
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
   for t in range(steps):
     updates, state = update(to_params(grads(t, params_dtype(params))), state, params)
     params = optax.apply_updates(params, updates)
+    if acted is not None:
+      acted.append(sum(int(np.count_nonzero(r)) for r in jax.tree.leaves(state.ratio)))
   return params, state
 
 
@@ -55,8 +59,13 @@ def per_layer(state_tree):
 
 
 def assert_equivalent(stacked_tx, flat_tx, dtype=np.float32, jit=False, rtol=1e-6):
-  flat_params, flat_state = run(flat_tx, unstacked(dtype), lambda g: g, jit)
-  got_params, got_state = run(stacked_tx, stack(unstacked(dtype)), stack, jit)
+  flat_acted, acted = [], []
+  flat_params, flat_state = run(flat_tx, unstacked(dtype), lambda g: g, jit,
+                                acted=flat_acted)
+  got_params, got_state = run(stacked_tx, stack(unstacked(dtype)), stack, jit,
+                              acted=acted)
+  # SPD acted on some layers at some steps, the same number in both runs.
+  assert acted == flat_acted and sum(acted) > 0
   chex.assert_trees_all_close(got_params, stack(flat_params), rtol=rtol, atol=rtol)
   for field in ("condition", "ratio", "deviation"):
     want = getattr(flat_state, field)
@@ -71,9 +80,7 @@ def assert_equivalent(stacked_tx, flat_tx, dtype=np.float32, jit=False, rtol=1e-
   want_stats = spd_optax.spd_stats(flat_state)
   got_stats = spd_optax.spd_stats(got_state)
   chex.assert_trees_all_close(got_stats, want_stats, rtol=rtol, atol=rtol)
-  # SPD acted on some layers and not on others: the test means something.
-  ratios = np.asarray(got_state.ratio["blocks"]["w"])
-  return ratios
+  return np.asarray(got_state.ratio["blocks"]["w"])
 
 
 FULL = {"blocks": {"w": 0, "b": 0}, "head": None}
@@ -87,28 +94,29 @@ def test_stacked_equals_separate_leaves(layer_axes, jit):
   ratios = assert_equivalent(spd_optax.adam_spd(0.05, layer_axes=layer_axes),
                              spd_optax.adam_spd(0.05), jit=jit)
   assert ratios.shape == (L,)
-  assert np.count_nonzero(ratios) > 0  # SPD acted on the stack
 
 
 def test_selectivity_is_per_layer():
-  # Layers 0 and 2 are pushed away and then back (decayed), 1 and 3 keep
-  # moving away (never decayed): one condition for the stack could not tell.
+  # Layers 0 and 2 are pushed away and then back (decayed while Adam's
+  # momentum still carries them outwards), 1 and 3 keep moving away (never
+  # decayed): one condition for the whole stack could not tell them apart.
   params = stack(unstacked())
   tx = spd_optax.adam_spd(0.05, weight_decay=1.0, layer_axes=PREFIX)
   state = tx.init(params)
-  sign = np.array([1.0, -1.0, 1.0, -1.0], np.float32)[:, None, None]
+  turns = np.array([1.0, 0.0, 1.0, 0.0], np.float32)[:, None, None]
+  decayed = np.zeros(L, bool)
   for t in range(8):
-    g = np.full((L, D, D), -1.0 if t < 4 else 1.0, np.float32)
-    g = np.where(sign > 0, g, -1.0)
+    g = np.where(turns > 0, -1.0 if t < 4 else 1.0, -1.0) * np.ones((L, D, D), np.float32)
     gr = {"blocks": {"w": jnp.asarray(g), "b": jnp.zeros((L, D))},
           "head": jnp.zeros((D, 3))}
     updates, state = tx.update(gr, state, params)
     params = optax.apply_updates(params, updates)
-  decayed = np.asarray(state.ratio["blocks"]["w"]) > 0
+    ratio = np.asarray(state.ratio["blocks"]["w"])
+    decayed |= ratio > 0
+    # Each layer is one unit of spd_stats: 2 L stacked layers + the head.
+    np.testing.assert_allclose(spd_optax.spd_stats(state)["decayed_fraction"],
+                               np.count_nonzero(ratio) / (2 * L + 1), rtol=1e-6)
   np.testing.assert_array_equal(decayed, [True, False, True, False])
-  stats = spd_optax.spd_stats(state)
-  # 2 of the 4 w layers; the b layers and the head got zero gradients.
-  assert float(stats["decayed_fraction"]) == pytest.approx(2 / (2 * L + 1))
 
 
 def test_stacked_equals_separate_leaves_float64():
@@ -197,10 +205,11 @@ def test_layer_axes_array_refused():
 class Block(nnx.Module):
 
   def __init__(self, rngs, partitioned=True):
-    init = nnx.initializers.lecun_normal()
-    if partitioned:
+    init, bias_init = nnx.initializers.lecun_normal(), nnx.initializers.normal(1.0)
+    if partitioned:  # every stacked param must carry names, biases too
       init = nnx.with_partitioning(init, (None, "model"))
-    self.linear = nnx.Linear(D, D, kernel_init=init, rngs=rngs)
+      bias_init = nnx.with_partitioning(bias_init, ("model",))
+    self.linear = nnx.Linear(D, D, kernel_init=init, bias_init=bias_init, rngs=rngs)
 
   def __call__(self, x):
     return x + jnp.tanh(self.linear(x))
@@ -230,11 +239,11 @@ class Unrolled(nnx.Module):
     # The same weights, one module per block.
     self.blocks = nnx.List([Block(nnx.Rngs(0), partitioned=False) for _ in range(L)])
     for i, block in enumerate(self.blocks):
-      block.linear.kernel.value = scanned.blocks.linear.kernel.value[i]
-      block.linear.bias.value = scanned.blocks.linear.bias.value[i]
+      block.linear.kernel[...] = scanned.blocks.linear.kernel[...][i]
+      block.linear.bias[...] = scanned.blocks.linear.bias[...][i]
     self.head = nnx.Linear(D, 2, rngs=nnx.Rngs(0))
-    self.head.kernel.value = scanned.head.kernel.value
-    self.head.bias.value = scanned.head.bias.value
+    self.head.kernel[...] = scanned.head.kernel[...]
+    self.head.bias[...] = scanned.head.bias[...]
 
   def __call__(self, x):
     for block in self.blocks:
@@ -243,10 +252,19 @@ class Unrolled(nnx.Module):
 
 
 def test_nnx_scan_matches_unrolled():
+  # Partitioned variables need a mesh; one device is enough to carry names.
+  mesh = jax.make_mesh((1, 1), ("layers", "model"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    _nnx_scan_matches_unrolled()
+
+
+def _nnx_scan_matches_unrolled():
   scanned = Scanned(nnx.Rngs(0))
   unrolled = Unrolled(scanned)
   layer_axes = spd_optax.layer_axes_from_names(nnx.state(scanned, nnx.Param))
   assert layer_axes["blocks"]["linear"]["kernel"] == 0
+  assert layer_axes["blocks"]["linear"]["bias"] == 0
   assert layer_axes["head"]["kernel"] is None
   opts = [nnx.Optimizer(scanned, spd_optax.adam_spd(0.05, layer_axes=layer_axes),
                         wrt=nnx.Param),
@@ -264,10 +282,10 @@ def test_nnx_scan_matches_unrolled():
     step(scanned, opts[0], x, y)
     step(unrolled, opts[1], x, y)
   for i in range(L):
-    np.testing.assert_allclose(scanned.blocks.linear.kernel.value[i],
-                               unrolled.blocks[i].linear.kernel.value, rtol=2e-5, atol=2e-6)
-  ratio = opts[0].opt_state.ratio["blocks"]["linear"]["kernel"].value
-  want = [opts[1].opt_state.ratio["blocks"][i]["linear"]["kernel"].value for i in range(L)]
+    np.testing.assert_allclose(scanned.blocks.linear.kernel[...][i],
+                               unrolled.blocks[i].linear.kernel[...], rtol=2e-5, atol=2e-6)
+  ratio = opts[0].opt_state.ratio["blocks"]["linear"]["kernel"][...]
+  want = [opts[1].opt_state.ratio["blocks"][i]["linear"]["kernel"][...] for i in range(L)]
   np.testing.assert_allclose(ratio, want, rtol=1e-4, atol=1e-6)
   assert np.count_nonzero(np.asarray(want)) > 0  # SPD acted
   stats = [spd_optax.spd_stats(o.opt_state) for o in opts]
