@@ -108,18 +108,20 @@ def set_anchor(state, anchor):
                      "anchor='zeros' there is none to set; create it with "
                      "anchor='params' to set one.")
   given = _by_path(anchor)
-  known, missing, wrong = set(), [], []
+  known, masked, missing, wrong = set(), set(), [], []
   for s in parts:
     for key, old in _by_path(s.anchor, keep_masked=True).items():
       known.add(key)
       if _is_masked(old):
+        masked.add(key)  # a leaf, or a whole subtree under a prefix mask
         continue
       if key not in given:
         missing.append(_name(key))
       elif jnp.shape(given[key]) != old.shape:
         wrong.append(f"{_name(key)} of shape {jnp.shape(given[key])} does not "
                      f"match the stored anchor's {old.shape}")
-  extra = [_name(k) for k in given if k not in known]
+  extra = [_name(k) for k in given if k not in known
+           and not any(k[:len(m)] == m for m in masked)]
   if missing or extra:
     raise ValueError(
         "the anchor must have the structure of the params the state was made "

@@ -287,3 +287,16 @@ def test_set_anchor_keeps_the_stored_sharding():
     assert state.anchor[k].sharding.is_equivalent_to(shard[k], params[k].ndim)
     assert state.anchor[k].dtype == jnp.float32
     np.testing.assert_array_equal(state.anchor[k], 1)
+
+
+def test_set_anchor_with_prefix_labels():
+  # multi_transform with labels for whole subtrees: optax.masked replaces a
+  # subtree by one MaskedNode; the anchor's leaves under it are not extra.
+  params, new_anchor = _params(), _grads_like(_params(), 7)
+  tx = optax.multi_transform({"full": spd_optax.adam_spd(0.05), "head": optax.adam(0.05)},
+                             {"w": "full", "b": "full", "head": "head"})
+  state = spd_optax.set_anchor(tx.init(params), new_anchor)
+  anchor = state.inner_states["full"].inner_state.anchor
+  np.testing.assert_array_equal(anchor["w"], new_anchor["w"])
+  with pytest.raises(ValueError, match=r"extra \[\"\['tail'\]\"\]"):
+    spd_optax.set_anchor(state, dict(new_anchor, tail=params["b"]))
