@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import spd_optax
+from test_compose import _Net
 from test_transform import _grads_like, _params, _run
 
 
@@ -161,16 +162,6 @@ def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
 
 
 # --- set_anchor on flax.nnx and on states with several SPD parts ---------------
-
-class _Net(nnx.Module):
-
-  def __init__(self, rngs):
-    self.body = nnx.Linear(6, 16, rngs=rngs)
-    self.head = nnx.Linear(16, 3, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jax.nn.gelu(self.body(x)))
-
 
 def _apply(p, x):
   # _Net on a plain dict of its params, for the plain-pytree reference run.
