@@ -57,3 +57,57 @@ PRESETS = {
         learning_rate=2e-5, head_lr_multiplier=10.0, warmup_steps=100, search_seed=0, seeds=(0, 1, 2, 3, 4),
         strengths=_STRENGTHS, eval_batch=500, log_every=50, checkpoint_every=250),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The `study` preset: enough seeds and test images to put intervals on
+  the differences between methods (see examples/vit/study.py)."""
+  image_size: int
+  num_layers: int | None
+  n_train: int
+  n_val: int
+  n_test: int                # ID test; also the images behind the corrupted set
+  n_ood: int                 # images per OOD set (corrupted ID test, sklearn digits)
+  corruption_severity: int
+  batch_size: int
+  steps: int
+  learning_rate: float
+  head_lr_multiplier: float
+  warmup_steps: int
+  seeds: tuple[int, ...]     # seed 0 also runs the strength grids
+  strengths: dict            # method -> nonzero strengths; 0 (plain Adam) is shared
+  probe_train: int           # training images the linear probe fits on
+  probe_C: tuple[float, ...]  # the probe's inverse L2 strengths, chosen on ID val
+  alphas: tuple[float, ...]  # interpolation θ0 + α(θ - θ0)
+  val_curve_every: int       # ID-val accuracy of plain Adam seed 0 every so many steps
+  eval_batch: int
+  log_every: int             # SPD's per-leaf state is read this often
+  checkpoint_every: int
+  n_boot: int
+  data_seed: int = 0
+
+
+STUDY_PRESETS = {
+    # 56 px (a 4x4 patch grid), all 12 blocks fine-tuned. Sized from measured
+    # costs on 2 CPU cores (docs/examples/vit.md): one step of batch 32 is
+    # about 1.3 s, one forward pass over 1,000 images about 12 s.
+    "study": StudyConfig(
+        image_size=56, num_layers=None, n_train=3500, n_val=500, n_test=1000,
+        n_ood=1000, corruption_severity=3, batch_size=32, steps=24,
+        learning_rate=1e-4, head_lr_multiplier=10.0, warmup_steps=3,
+        seeds=(0, 1, 2, 3, 4),
+        strengths={"adamw": (0.1, 1.0, 10.0, 100.0), "l2sp": (0.1, 1.0, 10.0, 100.0),
+                   "spd": (0.1, 0.25, 0.5, 1.0)},
+        probe_train=2000, probe_C=(0.01, 0.1, 1.0, 10.0, 100.0),
+        alphas=(0.0, 0.25, 0.5, 0.75, 1.0), val_curve_every=6,
+        eval_batch=250, log_every=2, checkpoint_every=12, n_boot=10_000),
+    # Seconds, for the tests: the same code path on 2 blocks at 28 px.
+    "study-smoke": StudyConfig(
+        image_size=28, num_layers=2, n_train=64, n_val=32, n_test=40, n_ood=40,
+        corruption_severity=3, batch_size=8, steps=4, learning_rate=1e-4,
+        head_lr_multiplier=10.0, warmup_steps=1, seeds=(0, 1),
+        strengths={"adamw": (1.0,), "l2sp": (1.0,), "spd": (0.5, 1.0)},
+        probe_train=64, probe_C=(0.1, 1.0), alphas=(0.0, 0.5, 1.0), val_curve_every=2,
+        eval_batch=40, log_every=1, checkpoint_every=2, n_boot=200),
+}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import spd_optax
 from examples.common import Checkpointer, spd_log, write_report
 from examples.vit import convert, data
-from examples.vit.configs import PRESETS, Config
+from examples.vit.configs import PRESETS, STUDY_PRESETS, Config
 
 METHODS = {"adamw": "AdamW", "l2sp": "L2-SP", "spd": "Adam-SPD"}
 
@@ -321,7 +321,8 @@ def write_reports(results_dir, searches, finals, cfg: Config, preset: str):
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  p.add_argument("--preset", choices=sorted(PRESETS) + sorted(STUDY_PRESETS), default="cpu",
+                 help="study / study-smoke: the statistical comparison of examples/vit/study.py")
   p.add_argument("--results-dir", default="results/vit")
   p.add_argument("--resume", action="store_true",
                  help="keep finished runs and continue unfinished ones from their checkpoints")
@@ -336,6 +337,8 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.preset in STUDY_PRESETS:
+    return study_main(args)
   cfg = PRESETS[args.preset]
   results_dir = pathlib.Path(args.results_dir)
   if not args.resume:
@@ -364,6 +367,45 @@ def main(argv=None) -> dict:
   print(f"{seconds:.0f}s; results in {results_dir}/")
   return {"summary": summary, "finals": finals, "searches": searches,
           "resumed": exp.resumed, "seconds": seconds}
+
+
+def study_main(args) -> dict:
+  """The `study` presets: every method, 5 seeds, intervals, frontier, per-layer view."""
+  from examples.vit import study, study_report
+  cfg = STUDY_PRESETS[args.preset]
+  results_dir = pathlib.Path(args.results_dir)
+  if not args.resume:
+    for sub in ("runs", "checkpoints"):
+      shutil.rmtree(results_dir / sub, ignore_errors=True)
+    (results_dir / "anchor_features.npz").unlink(missing_ok=True)
+  start = time.perf_counter()
+  timer = study.Timer()
+  t = time.perf_counter()
+  if args.weights:
+    sd, hf_config = convert.read_safetensors(args.weights)
+  else:
+    sd, hf_config = convert.read_onnx(convert.onnx_path())
+  timer.add("weights", t)
+  exp = study.Study(cfg, args, sd, hf_config, timer)
+  out = exp.execute()
+  labels = {k: v[1] for k, v in exp.sets.items()}
+  t = time.perf_counter()
+  timing = dict(timer.seconds)
+  # Reports are quick; what is left (compiles, model builds) is "other".
+  timing["other (compiles, model builds)"] = time.perf_counter() - start - sum(timing.values())
+  report = study_report.write(results_dir, out, labels, cfg, timing)
+  timing["reports"] = time.perf_counter() - t
+  seconds = time.perf_counter() - start
+  timing["total"] = seconds
+  (results_dir / "vit_timing.json").write_text(json.dumps(
+      {"preset": args.preset, "seconds": seconds, "parts": timing,
+       "backend": jax.default_backend(), "resumed": exp.resumed}, indent=1))
+  print("where the time went (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
+  for row in report["differences"]:
+    print(f"{row['comparison']} ({row['seeds']} seeds): ID {row['ID diff']:+.2f} {row['ID 95% CI']}, "
+          f"mean OOD {row['mean OOD diff']:+.2f} {row['mean OOD 95% CI']}")
+  print(f"{seconds:.0f}s; results in {results_dir}/")
+  return {**out, **report, "resumed": exp.resumed, "seconds": seconds, "timing": timing}
 
 
 if __name__ == "__main__":

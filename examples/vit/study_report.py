@@ -1,0 +1,208 @@
+"""Tables, intervals and figures of the ViT study (examples/vit/study.py)."""
+
+import json
+import pathlib
+
+import numpy as np
+
+from examples.common import _markdown_table
+from examples.vit import stats
+from examples.vit.study import COLORS, NAMES, OOD_SETS, TUNED, block_order
+
+PAIRS = (("spd", "adamw"), ("spd", "l2sp"), ("spd", "adam"))
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def correct(runs, labels, sets) -> dict[int, np.ndarray]:
+  """seed -> per-image 1/0 over the given sets, concatenated."""
+  return {r["seed"]: np.concatenate([np.asarray(r["preds"][k]) == labels[k] for k in sets])
+          .astype(np.float64) * 100 for r in runs}
+
+
+def paired_differences(finals, labels, n_boot, seed=0) -> list[dict]:
+  """SPD minus each other method, paired by seed and test image."""
+  rows = []
+  n_ood = [len(labels[k]) for k in OOD_SETS]
+  ood_strata = np.split(np.arange(sum(n_ood)), np.cumsum(n_ood)[:-1])
+  for a, b in PAIRS:
+    if not finals.get(a) or not finals.get(b):
+      continue
+    row = {"comparison": f"{NAMES[a]} − {NAMES[b]}"}
+    for metric, sets, strata in (("ID", ["test"], None), ("mean OOD", list(OOD_SETS), ood_strata)):
+      ca, cb = correct(finals[a], labels, sets), correct(finals[b], labels, sets)
+      seeds = sorted(set(ca) & set(cb))
+      res = stats.paired_bootstrap(np.stack([ca[s] for s in seeds]), np.stack([cb[s] for s in seeds]),
+                                   strata=strata, n_boot=n_boot, seed=seed)
+      row[f"{metric} diff"] = res["diff"]
+      row[f"{metric} 95% CI"] = f"[{res['lo']:+.2f}, {res['hi']:+.2f}]"
+      row[f"{metric} differs"] = "yes" if res["excludes_zero"] else "no"
+      row["_" + metric] = res
+    row["seeds"] = len(seeds)
+    rows.append(row)
+  return rows
+
+
+def summary_rows(out) -> list[dict]:
+  rows = []
+  probe = out["probe"]
+  rows.append({"method": NAMES["probe"], "strength": f"C={probe['strength']:g}", "seeds": 1,
+               "ID test": probe["test"], "corrupt": probe["corrupt"], "digits": probe["digits"],
+               "mean OOD": probe["ood_mean"], "‖θ−θ₀‖": 0.0})
+  for key, runs in out["finals"].items():
+    col = lambda k: np.array([r[k] for r in runs])
+    rows.append({"method": NAMES[key], "strength": f"{runs[0]['strength']:g}", "seeds": len(runs),
+                 "ID test": f"{col('test').mean():.2f} ± {col('test').std():.2f}",
+                 "corrupt": col("corrupt").mean(), "digits": col("digits").mean(),
+                 "mean OOD": f"{col('ood_mean').mean():.2f} ± {col('ood_mean').std():.2f}",
+                 "‖θ−θ₀‖": col("deviation").mean()})
+  return rows
+
+
+def plot_sensitivity(out, n_sets, path):
+  """ID-val, ID-test and mean-OOD accuracy against strength, seed 0."""
+  plt = _plt()
+  fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+  adam = out["grid"]["adam"][0]
+  for ax, (metric, label) in zip(axes, (("val_acc", "ID validation"), ("test", "ID test"),
+                                        ("ood_mean", "mean OOD"))):
+    n = n_sets[metric]
+    for key in TUNED:
+      runs = sorted(out["grid"][key], key=lambda r: r["strength"])
+      x = [r["strength"] for r in runs]
+      y = [r[metric] for r in runs]
+      err = [stats.binomial_halfwidth(v, n) for v in y]
+      ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=COLORS[key], label=NAMES[key])
+    ax.axhline(adam[metric], color=COLORS["adam"], ls="--", label="Adam (strength 0)")
+    ax.axhline(out["probe"][metric if metric != "val_acc" else "val_acc"], color=COLORS["probe"],
+               ls=":", label=NAMES["probe"])
+    ax.set_xscale("log")
+    ax.set_xlabel("strength (own scale per method; log)")
+    ax.set_ylabel(f"{label} accuracy (%)")
+    ax.set_title(f"{label} (seed 0; bars: 95% over {n} images)", fontsize=9)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_frontier(out, n_sets, path):
+  """Mean-OOD against ID accuracy along θ0 + α(θ − θ0), seed 0."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  for front in out["frontier"]:
+    pts = front["points"]
+    x, y = [p["test"] for p in pts], [p["ood_mean"] for p in pts]
+    ax.errorbar(x, y, xerr=[stats.binomial_halfwidth(v, n_sets["test"]) for v in x],
+                yerr=[stats.binomial_halfwidth(v, n_sets["ood_mean"]) for v in y],
+                marker="o", capsize=2, color=COLORS[front["key"]],
+                label=f"{front['method']} ({front['strength']:g})")
+    for p in pts:
+      ax.annotate(f"α={p['alpha']:g}", (p["test"], p["ood_mean"]), fontsize=7,
+                  textcoords="offset points", xytext=(4, -8))
+  probe = out["probe"]
+  ax.scatter([probe["test"]], [probe["ood_mean"]], marker="s", color=COLORS["probe"],
+             label=NAMES["probe"], zorder=3)
+  ax.set_xlabel("ID test accuracy (%)")
+  ax.set_ylabel("mean OOD accuracy (%)")
+  ax.set_title("ID–OOD frontier: θ₀ + α(θ − θ₀), head as trained (seed 0)", fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def spd_heatmap_matrix(runs) -> tuple[list[str], list[int], np.ndarray]:
+  """Blocks x logged steps: share of each block's leaves that SPD pulled back
+  at that step, mean over the runs given."""
+  rows = [h for r in runs for h in r["history"] if "spd_blocks" in h]
+  blocks = block_order({b for h in rows for b in h["spd_blocks"]})
+  steps = sorted({h["step"] for h in rows})
+  mat = np.zeros((len(blocks), len(steps)))
+  n = np.zeros_like(mat)
+  for h in rows:
+    j = steps.index(h["step"])
+    for i, b in enumerate(blocks):
+      if b in h["spd_blocks"]:
+        mat[i, j] += h["spd_blocks"][b]["pulled"]
+        n[i, j] += 1
+  return blocks, steps, mat / np.maximum(n, 1)
+
+
+def plot_layers(out, path):
+  """Left: where SPD pulled back over training. Right: final ‖θ−θ₀‖ per block."""
+  plt = _plt()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+  spd = out["finals"]["spd"]
+  blocks, steps, mat = spd_heatmap_matrix(spd)
+  im = ax1.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(blocks) - 0.5, -0.5))
+  ax1.set_yticks(range(len(blocks)), blocks, fontsize=7)
+  ax1.set_xlabel("training step")
+  ax1.set_ylabel("backbone block")
+  ax1.set_title(f"Adam-SPD (λ={spd[0]['strength']:g}): share of the block's leaves "
+                f"pulled back (mean of {len(spd)} seeds)", fontsize=9)
+  fig.colorbar(im, ax=ax1, label="share of leaves with r_t > 0")
+  keys = list(out["finals"])
+  order = block_order(set(spd[0]["block_deviation"]))
+  width = 0.8 / len(keys)
+  for k, key in enumerate(keys):
+    dev = np.array([[r["block_deviation"][b] for b in order] for r in out["finals"][key]])
+    ax2.bar(np.arange(len(order)) + (k - (len(keys) - 1) / 2) * width, dev.mean(0), width,
+            yerr=dev.std(0), capsize=1.5, color=COLORS[key], label=NAMES[key])
+  ax2.set_xticks(range(len(order)), order, rotation=60, fontsize=7)
+  ax2.set_ylabel("‖θ − θ₀‖ of the block (L2 norm, weight units)")
+  ax2.set_title("final distance from the pre-trained weights, per block "
+                "(mean ± std over seeds)", fontsize=9)
+  ax2.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(results_dir, out, labels, cfg, timing) -> dict:
+  """Writes study.{json,md} and the figures; returns what main prints."""
+  d = pathlib.Path(results_dir)
+  d.mkdir(parents=True, exist_ok=True)
+  n_sets = {"val_acc": len(labels["val"]), "test": len(labels["test"]),
+            "ood_mean": sum(len(labels[k]) for k in OOD_SETS)}
+  summary = summary_rows(out)
+  diffs = paired_differences(out["finals"], labels, cfg.n_boot)
+  grid = [{"method": r["method"], "strength": r["strength"], "val_acc": r["val_acc"],
+           "ID test": r["test"], "mean OOD": r["ood_mean"], "‖θ−θ₀‖": r["deviation"]}
+          for key in ("adam", *TUNED) for r in out["grid"][key]]
+  fronts = [{"method": f["method"], "alpha": p["alpha"], "ID test": p["test"],
+             "corrupt": p["corrupt"], "digits": p["digits"], "mean OOD": p["ood_mean"]}
+            for f in out["frontier"] for p in f["points"]]
+  val_curve = [{"step": h["step"], "val_acc": h["val_acc"]}
+               for h in out["grid"]["adam"][0]["history"] if "val_acc" in h]
+  diff_cols = ["comparison", "seeds", "ID diff", "ID 95% CI", "ID differs",
+               "mean OOD diff", "mean OOD 95% CI", "mean OOD differs"]
+  md = ["## Methods at their chosen strengths (mean ± std over seeds)\n",
+        _markdown_table(summary, ["method", "strength", "seeds", "ID test", "corrupt", "digits",
+                                  "mean OOD", "‖θ−θ₀‖"]),
+        "\n## Paired differences (points; 95% bootstrap CI over seeds and test images)\n",
+        _markdown_table(diffs, diff_cols),
+        "\n## Strength grid (seed 0)\n",
+        _markdown_table(grid, ["method", "strength", "val_acc", "ID test", "mean OOD", "‖θ−θ₀‖"]),
+        "\n## Frontier (seed 0)\n",
+        _markdown_table(fronts, ["method", "alpha", "ID test", "corrupt", "digits", "mean OOD"]),
+        "\n## Plain Adam, seed 0: ID-val accuracy during training\n",
+        _markdown_table(val_curve, ["step", "val_acc"]),
+        "\n## Time (s)\n",
+        _markdown_table([{"part": k, "seconds": v} for k, v in timing.items()], ["part", "seconds"])]
+  (d / "study.md").write_text("".join(md))
+  clean = [{k: v for k, v in r.items() if not k.startswith("_")} | {
+      "ID": r["_ID"], "mean OOD": r["_mean OOD"]} for r in diffs]
+  (d / "study.json").write_text(json.dumps(
+      {"summary": summary, "differences": clean, "grid": grid, "frontier": fronts,
+       "val_curve": val_curve, "chosen": out["chosen"], "timing": timing}, indent=1))
+  plot_sensitivity(out, n_sets, d / "study_sensitivity.png")
+  plot_frontier(out, n_sets, d / "study_frontier.png")
+  plot_layers(out, d / "study_layers.png")
+  return {"summary": summary, "differences": clean}
