@@ -198,3 +198,46 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
   np.testing.assert_allclose(b["deviation"], a["deviation"], rtol=1e-5)
   assert b["id_acc"] == a["id_acc"] and b["ood"] == a["ood"]
   assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]]
+
+
+def test_study_smoke_end_to_end_with_resume(tmp_path, onnx_weights):
+  """The study's whole code path (probe, strength grids, frontier, other
+  seeds, intervals, figures) on the tiny preset, interrupted and resumed."""
+  results = tmp_path / "study"
+  argv = ["--preset", "study-smoke", "--results-dir", str(results)]
+  # study-smoke: 4 steps a run, checkpoints every 2. Plain Adam (4 steps),
+  # then AdamW stops after its 2nd step, just after its checkpoint.
+  with pytest.raises(finetune.Interrupted):
+    finetune.main(argv + ["--interrupt-after", "6"])
+  out = finetune.main(argv + ["--resume"])
+  assert out["resumed"] == {"adamw_s1_seed0": 2}
+
+  for name in ("study.md", "study.json", "study_sensitivity.png", "study_frontier.png",
+               "study_layers.png", "vit_timing.json"):
+    assert (results / name).exists(), name
+  cfg = finetune.STUDY_PRESETS["study-smoke"]
+  assert {k: len(v) for k, v in out["finals"].items()} == {
+      k: len(cfg.seeds) for k in ("adam", "adamw", "l2sp", "spd")}
+  assert [d["comparison"] for d in out["differences"]] == [
+      "Adam-SPD − AdamW", "Adam-SPD − L2-SP", "Adam-SPD − Adam"]
+  for d in out["differences"]:
+    for metric in ("ID", "mean OOD"):
+      assert d[metric]["lo"] <= d[metric]["diff"] <= d[metric]["hi"]
+  # The frontier: every α per method; α = 1 is the trained run itself.
+  for front in out["frontier"]:
+    assert [p["alpha"] for p in front["points"]] == list(cfg.alphas)
+    run = next(r for r in out["grid"][front["key"]] if r["strength"] == out["chosen"][front["key"]])
+    assert front["points"][-1]["test"] == run["test"]
+  # SPD's per-block state was logged at every step, one entry per block.
+  spd = out["finals"]["spd"][0]
+  logged = [h["spd_blocks"] for h in spd["history"]]
+  assert len(logged) == cfg.steps and set(logged[-1]) == {"embed", "block 0", "block 1",
+                                                          "final norm"}
+  assert all(0 <= v["pulled"] <= 1 for h in logged for v in h.values())
+  assert set(spd["block_deviation"]) == set(logged[-1])
+  timing = json.loads((results / "vit_timing.json").read_text())["parts"]
+  assert timing["forward/backward"] > 0 and timing["optimizer step"] > 0
+  assert timing["evaluation"] > 0
+  # Finished runs leave no checkpoints, and the seed-0 weights are gone.
+  assert not any((results / "checkpoints").glob("*/*"))
+  assert not any((results / "runs").glob("*.npz"))
