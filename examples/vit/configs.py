@@ -91,17 +91,17 @@ class StudyConfig:
 STUDY_PRESETS = {
     # 56 px (a 4x4 patch grid), all 12 blocks fine-tuned. Sized from measured
     # costs on 2 CPU cores (docs/examples/vit.md): one step of batch 32 is
-    # about 1.3 s, one forward pass over 1,000 images about 12 s.
+    # 0.8-1.3 s, one forward pass over 1,000 images 7-12 s (the CPU is shared).
     "study": StudyConfig(
         image_size=56, num_layers=None, n_train=3500, n_val=500, n_test=1000,
-        n_ood=1000, corruption_severity=3, batch_size=32, steps=24,
-        learning_rate=1e-4, head_lr_multiplier=10.0, warmup_steps=3,
+        n_ood=1000, corruption_severity=3, batch_size=32, steps=48,
+        learning_rate=5e-5, head_lr_multiplier=1.0, warmup_steps=4,
         seeds=(0, 1, 2, 3, 4),
         strengths={"adamw": (0.1, 1.0, 10.0, 100.0), "l2sp": (0.1, 1.0, 10.0, 100.0),
                    "spd": (0.1, 0.25, 0.5, 1.0)},
         probe_train=2000, probe_C=(0.01, 0.1, 1.0, 10.0, 100.0),
-        alphas=(0.0, 0.25, 0.5, 0.75, 1.0), val_curve_every=6,
-        eval_batch=250, log_every=2, checkpoint_every=12, n_boot=10_000),
+        alphas=(0.0, 0.25, 0.5, 0.75, 1.0), val_curve_every=12,
+        eval_batch=250, log_every=4, checkpoint_every=24, n_boot=10_000),
     # Seconds, for the tests: the same code path on 2 blocks at 28 px.
     "study-smoke": StudyConfig(
         image_size=28, num_layers=2, n_train=64, n_val=32, n_test=40, n_ood=40,

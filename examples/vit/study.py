@@ -3,7 +3,8 @@
   python -m examples.vit.finetune --preset study --results-dir results/vit_study
 
 Full fine-tuning of DINOv2 ViT-S/14 at 56 px with plain Adam, AdamW, L2-SP and
-Adam-SPD, and a linear probe on the frozen backbone. Seed 0 runs every
+Adam-SPD, and a linear probe on the frozen backbone, whose head every
+fine-tuning run starts from (LP-FT). Seed 0 runs every
 method over a grid of strengths (plain Adam, strength 0, is the grid's
 shared first point); each method's strength is chosen on ID validation only
 and run on the other seeds. Every run keeps its per-image predictions, so
@@ -207,6 +208,7 @@ class Study:
     preds = {k: clf.predict(feats[k]).tolist() for k in EVAL_SETS}
     record = {"key": "probe", "method": NAMES["probe"], "strength": -neg_c, "seed": 0,
               "val_acc": val, "preds": preds, **self.summarise_preds(preds),
+              "head": {"kernel": clf.coef_.T.tolist(), "bias": clf.intercept_.tolist()},
               "search": [{"strength": -nc, "val_acc": v} for v, nc, _ in fits]}
     return self._save(path, record)
 
@@ -249,6 +251,7 @@ class Study:
     if path.exists():
       return json.loads(path.read_text())
     model = self.new_model(seed)
+    self._init_head_from_probe(model)
     tx = make_optimizer("spd" if key == "adam" else key, cfg.learning_rate, cfg.warmup_steps,
                         cfg.steps, cfg.head_lr_multiplier)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -312,6 +315,16 @@ class Study:
                   for p, v in jax.tree_util.tree_flatten_with_path(params)[0]})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return self._save(path, record)
+
+  def _init_head_from_probe(self, model):
+    """LP-FT (Kumar et al., 2022): every fine-tuning run starts from the
+    linear probe's head. From a zero head, the first steps' gradients are
+    the head's error pushed into the features, and a short run spends them
+    rebuilding what the probe already knows (measured: plain Adam at 36 %
+    ID after 24 steps from a zero head, the probe at 90 %)."""
+    head = self.probe()["head"]
+    model.head.kernel[...] = jnp.asarray(head["kernel"], jnp.float32)
+    model.head.bias[...] = jnp.asarray(head["bias"], jnp.float32)
 
   def _restore(self, name, ckpt_dir, model, optimizer):
     ckpt = Checkpointer(ckpt_dir) if ckpt_dir.exists() else None
