@@ -139,6 +139,18 @@ def accuracy(model, images, labels, batch: int, image_size: int) -> float:
   return float(np.mean(preds == labels) * 100)
 
 
+def training_steps(exp, name: str, start: int, total: int):
+  """Yields (step, progress bar) for steps start..total-1; with
+  --interrupt-after, stops between steps once `exp` has taken that many."""
+  bar = tqdm(range(start, total), desc=name, initial=start, total=total,
+             dynamic_ncols=True, file=sys.stderr)
+  for step in bar:
+    if exp.args.interrupt_after is not None and exp.steps_taken >= exp.args.interrupt_after:
+      bar.close()
+      raise Interrupted(f"stopped after {exp.steps_taken} steps (--interrupt-after)")
+    yield step, bar
+
+
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
   """The step's batch, a pure function of (seed, step), so a resumed run sees
   exactly the batches the uninterrupted run would have."""
@@ -220,12 +232,7 @@ class Experiment:
     elif start and log_file.exists():
       history = [h for h in json.loads(log_file.read_text()) if h["step"] <= start]
     if start < cfg.steps:
-      bar = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps,
-                 dynamic_ncols=True, file=sys.stderr)
-      for step in bar:
-        if self.args.interrupt_after is not None and self.steps_taken >= self.args.interrupt_after:
-          bar.close()
-          raise Interrupted(f"stopped after {self.steps_taken} steps (--interrupt-after)")
+      for step, bar in training_steps(self, name, start, cfg.steps):
         idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
         loss = train_step(model, optimizer, self.train[0][idx], self.train[1][idx])
         self.steps_taken += 1

@@ -18,7 +18,6 @@ import json
 import pathlib
 import re
 import shutil
-import sys
 import time
 from collections import defaultdict
 
@@ -26,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from examples.common import Checkpointer, spd_log
 from examples.vit import data, stats
-from examples.vit.finetune import (Interrupted, backbone_params, batch_indices,
-                                   make_optimizer)
+from examples.vit.finetune import (backbone_params, batch_indices, make_optimizer,
+                                   training_steps)
 from spd_optax.state import spd_states_with_paths
 
 NAMES = {"probe": "Linear probe", "adam": "Adam", "adamw": "AdamW", "l2sp": "L2-SP",
@@ -260,12 +258,7 @@ class Study:
     start, history = self._restore(name, ckpt_dir, model, optimizer)
     val_curve = key == "adam" and seed == cfg.seeds[0]
 
-    bar = tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps,
-               dynamic_ncols=True, file=sys.stderr)
-    for step in bar:
-      if self.args.interrupt_after is not None and self.steps_taken >= self.args.interrupt_after:
-        bar.close()
-        raise Interrupted(f"stopped after {self.steps_taken} steps (--interrupt-after)")
+    for step, _ in training_steps(self, name, start, cfg.steps):
       idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
       # A jitted function's first call per optimizer compiles: timed apart.
       first = key not in self.compiled
