@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spd_optax.transform import SPDState, _copy, _is_variable
+from spd_optax.transform import SPDState, _copy
+from spd_optax.trees import is_variable
 
 
 def _is_spd(x) -> bool:
@@ -137,7 +138,7 @@ def set_anchor(state, anchor):
               for p, o in flat]
     return s._replace(anchor=treedef.unflatten(leaves))
 
-  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or _is_variable(x))
+  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or is_variable(x))
 
 
 def _key(path) -> tuple:

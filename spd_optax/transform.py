@@ -15,12 +15,6 @@ from spd_optax import trees
 
 ANCHORS = ("params", "zeros")
 
-# Kept under these names for the modules that import them from here.
-_is_variable = trees.is_variable
-_scalar_def = trees.scalar_def
-_leaf_paths = trees.leaf_paths
-
-
 class SPDState(NamedTuple):
   """State of `selective_projection_decay`.
 
@@ -97,7 +91,7 @@ def resolve_mask(mask, params) -> list[bool]:
   if callable(mask):
     mask = mask(params)
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)) and not (
-      jax.tree_util.treedef_is_leaf(_scalar_def(params))):
+      jax.tree_util.treedef_is_leaf(trees.scalar_def(params))):
     # One value for a whole tree is what optax.inject_hyperparams makes of a
     # callable mask (it calls it with the step count): never take it as "all".
     raise TypeError(
@@ -106,7 +100,7 @@ def resolve_mask(mask, params) -> list[bool]:
         "optax.inject_hyperparams, a callable mask is called as a schedule: "
         "pass static_args=('mask',) to it.")
   flags = trees.broadcast_prefix(mask, params, "mask")
-  for path, flag in zip(_leaf_paths(params), flags):
+  for path, flag in zip(trees.leaf_paths(params), flags):
     if not _is_bool(flag):
       hint = (" optax.inject_hyperparams calls a callable mask as a schedule: "
               "pass static_args=('mask',) to it." if isinstance(flag, jax.Array) else "")
@@ -116,7 +110,7 @@ def resolve_mask(mask, params) -> list[bool]:
 
 
 def _check_floating(params, flags) -> None:
-  for path, leaf, on in zip(_leaf_paths(params), jax.tree.leaves(params), flags):
+  for path, leaf, on in zip(trees.leaf_paths(params), jax.tree.leaves(params), flags):
     dtype = jnp.result_type(leaf)
     if on and not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
@@ -199,7 +193,7 @@ def _flatten_as(treedef, tree, what: str, given, made_for) -> list:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError):
     def names(t):
-      is_leaf = lambda x: _is_variable(x) or isinstance(x, optax.MaskedNode)
+      is_leaf = lambda x: trees.is_variable(x) or isinstance(x, optax.MaskedNode)
       return {jax.tree_util.keystr(k) for k, _ in
               jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]}
     have, want = names(given), names(made_for)
@@ -329,10 +323,10 @@ def selective_projection_decay(
     def per_layer_zeros(p, ax):
       return jnp.zeros(tuple(p.shape[i] for i in ax), _acc_dtype(p.dtype))
 
-    scalar_def = _scalar_def(params)
+    scalar_def = trees.scalar_def(params)
     anchors = None
     if anchor == "params":
-      anchors = per_leaf(lambda p, _: _copy(p, anchor_dtype or p.dtype))
+      anchors = per_leaf(lambda p, _: _copy(p, p.dtype if anchor_dtype is None else anchor_dtype))
       if anchor_on_host:
         anchors = jax.device_put(anchors, jax.memory.Space.Host)
     return SPDState(
@@ -359,7 +353,7 @@ def selective_projection_decay(
     # Checked first, so a mismatch is reported here and not deep inside the
     # inner optimizer's tree_map.
     treedef = jax.tree.structure(params)
-    scalar_def = _scalar_def(params)
+    scalar_def = trees.scalar_def(params)
     marks = _flatten_as(scalar_def, state.condition, "the params", params,
                         state.condition)
     grads_l = _flatten_as(treedef, updates, "the gradients", updates, params)
@@ -403,7 +397,7 @@ def selective_projection_decay(
 
 
 def _check_layer_shapes(params, params_l, axes_l, marks) -> None:
-  for path, p, ax, mark in zip(_leaf_paths(params), params_l, axes_l, marks):
+  for path, p, ax, mark in zip(trees.leaf_paths(params), params_l, axes_l, marks):
     if isinstance(mark, optax.MaskedNode):
       continue
     want = tuple(np.shape(p)[i] for i in ax)
