@@ -5,8 +5,11 @@ blocks stacked into one leaf per weight (as scanned models store them).
 
   python benchmarks/optimizer_step.py                # sets that fit the backend
   python benchmarks/optimizer_step.py --sets vit_b16 --reps 30 --json out.json
+  python benchmarks/optimizer_step.py --sets llama_1b --dtype bfloat16
 
-Prints a table of median milliseconds and ratios to optax.adamw; writes JSON.
+Prints a table of median milliseconds and ratios to optax.adamw; writes JSON,
+with each compiled step's fusion count and XLA's count of the bytes it
+accesses, in words (one word = one parameter's dtype) per parameter.
 "naive SPD" is optax.adam plus SPD written per leaf the obvious way: what
 adam_spd's structure is measured against. A stacked set runs adam_spd with
 ``layer_axes`` (per layer) and, alternating with it, adam_spd on the same
@@ -14,7 +17,9 @@ model unstacked: "stacked / unstacked" compares the two.
 """
 
 import argparse
+import collections
 import json
+import pathlib
 import platform
 import re
 import statistics
@@ -108,6 +113,8 @@ def optimizers(shapes, stacked, lr=1e-4):
         "optax.adam": (optax.adam(lr), shapes),
         "naive SPD": (naive_spd(lr, 1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
+        # The pure-XLA path; "adam_spd" takes the fused Pallas pass on one GPU.
+        "adam_spd (XLA)": (spd_optax.adam_spd(lr, weight_decay=1.0, fused=False), shapes),
     }
   stacked_shapes, layer_axes = stack_blocks(shapes)
   return {
@@ -126,23 +133,43 @@ def make_step(tx):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def random_tree(shapes, seed):
+def random_tree(shapes, seed, dtype=jnp.float32):
   keys = iter(jax.random.split(jax.random.key(seed), len(shapes)))
-  return {k: jax.random.normal(next(keys), s, jnp.float32) * 0.02
+  return {k: (jax.random.normal(next(keys), s, jnp.float32) * 0.02).astype(dtype)
           for k, s in shapes.items()}
 
 
-def bench(shapes, reps, stacked=False, warmup=3):
+def compiled_stats(compiled, n, itemsize, hlo_path=None):
+  """XLA's own account of a compiled step: its fusions by kind and the bytes
+  it reads and writes, as words per parameter (the byte floor's unit)."""
+  text = compiled.as_text()
+  if hlo_path is not None:
+    hlo_path.write_text(text)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  accessed = (cost or {}).get("bytes accessed")
+  return {"fusions": dict(collections.Counter(re.findall(r"kind=k(\w+)", text))),
+          "words_per_param": None if accessed is None else accessed / (n * itemsize)}
+
+
+def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag=""):
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
-  runs, grads_for = {}, {}
+  itemsize = jnp.dtype(dtype).itemsize
+  runs, grads_for, stats, leaves = {}, {}, {}, None
   for name, (tx, tx_shapes) in optimizers(shapes, stacked).items():
     # One gradient tree per model layout, shared: at 1.35B a copy is 5.4 GB.
     if id(tx_shapes) not in grads_for:
-      grads_for[id(tx_shapes)] = random_tree(tx_shapes, 1)
-    params, grads = random_tree(tx_shapes, 0), grads_for[id(tx_shapes)]
+      grads_for[id(tx_shapes)] = random_tree(tx_shapes, 1, dtype)
+    params, grads = random_tree(tx_shapes, 0, dtype), grads_for[id(tx_shapes)]
     state = jax.jit(tx.init)(params)
-    step = make_step(tx)
-    for _ in range(warmup):  # compile, then let SPD's condition start firing
+    try:
+      step = make_step(tx).lower(params, state, grads).compile()
+    except Exception as e:  # one broken variant should not lose the run's others
+      print(f"{name}: did not compile: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+      continue
+    hlo = None if hlo_dir is None else hlo_dir / f"{tag}{re.sub(r'[^A-Za-z0-9]+', '_', name)}.hlo.txt"
+    stats[name] = compiled_stats(step, n, itemsize, hlo)
+    for _ in range(warmup):  # let SPD's condition start firing
       params, state = step(params, state, grads)
     jax.block_until_ready(params)
     runs[name] = [step, params, state, grads, []]
@@ -158,10 +185,25 @@ def bench(shapes, reps, stacked=False, warmup=3):
       run[1], run[2] = params, state
   med = {k: 1e3 * statistics.median(r[4]) for k, r in runs.items()}
   out = {"params": n, "leaves": leaves, "median_ms": med,
-         "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()}}
-  if stacked:
+         "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()},
+         "compiled": stats}
+  if stacked and "adam_spd" in med:
     out["stacked_over_unstacked"] = med["adam_spd"] / med["adam_spd unstacked"]
   return out
+
+
+def copy_bandwidth(gib=1, reps=20):
+  """Device memory bandwidth of a plain elementwise pass (read + write), the
+  rate the byte floors in NOTES.md divide by."""
+  x = jnp.ones(gib * 2**28, jnp.float32)
+  step = jax.jit(lambda x: x + 1, donate_argnums=0)
+  x = jax.block_until_ready(step(x))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    x = jax.block_until_ready(step(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / statistics.median(times) / 1e9
 
 
 def main(argv=None):
@@ -170,17 +212,27 @@ def main(argv=None):
              else ["vit_b16", "vit_b16_stacked"])
   parser.add_argument("--sets", nargs="+", choices=SETS, default=default)
   parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="of params, gradients and (so) every optimizer's state")
   parser.add_argument("--json", default="benchmarks/optimizer_step.json")
+  parser.add_argument("--hlo-dir", default=None,
+                      help="write each compiled step's optimized HLO here")
   args = parser.parse_args(argv)
+  hlo_dir = None if args.hlo_dir is None else pathlib.Path(args.hlo_dir)
+  if hlo_dir is not None:
+    hlo_dir.mkdir(parents=True, exist_ok=True)
 
   device = jax.devices()[0]
   results = {"backend": jax.default_backend(), "device": device.device_kind,
              "jax": jax.__version__, "python": platform.python_version(),
-             "reps": args.reps, "sets": {}}
+             "reps": args.reps, "dtype": args.dtype,
+             "copy_GBps": copy_bandwidth(), "sets": {}}
   print(f"{results['device']} ({results['backend']}), jax {jax.__version__}, "
-        f"{args.reps} alternating reps, float32, jitted + donated step")
+        f"{args.reps} alternating reps, {args.dtype}, jitted + donated step; "
+        f"device copy {results['copy_GBps']:.0f} GB/s (read + write)")
   for name in args.sets:
-    r = bench(SETS[name](), args.reps, stacked=name.endswith("_stacked"))
+    r = bench(SETS[name](), args.reps, stacked=name.endswith("_stacked"),
+              dtype=jnp.dtype(args.dtype), hlo_dir=hlo_dir, tag=f"{name}_{args.dtype}_")
     results["sets"][name] = r
     print(f"\n| set | params | leaves | {' | '.join(r['median_ms'])} | adam_spd / adamw |"
           + (" stacked / unstacked |" if "stacked_over_unstacked" in r else ""))
@@ -188,9 +240,12 @@ def main(argv=None):
           + (" --- |" if "stacked_over_unstacked" in r else ""))
     ms = " | ".join(f"{v:.2f} ms" for v in r["median_ms"].values())
     print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['leaves']} | {ms} | "
-          f"{r['ratio_to_adamw']['adam_spd']:.2f}x |"
+          f"{r['ratio_to_adamw'].get('adam_spd', float('nan')):.2f}x |"
           + (f" {r['stacked_over_unstacked']:.2f}x |" if "stacked_over_unstacked" in r else ""),
           flush=True)
+    print("words per parameter (XLA's count) / fusions: " + "; ".join(
+        f"{k} {v['words_per_param'] or float('nan'):.1f} / {sum(v['fusions'].values())}"
+        for k, v in r["compiled"].items()), flush=True)
   with open(args.json, "w") as f:
     json.dump(results, f, indent=2)
 
