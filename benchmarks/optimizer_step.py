@@ -113,8 +113,6 @@ def optimizers(shapes, stacked, lr=1e-4):
         "optax.adam": (optax.adam(lr), shapes),
         "naive SPD": (naive_spd(lr, 1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
-        # The pure-XLA path; "adam_spd" takes the fused Pallas pass on one GPU.
-        "adam_spd (XLA)": (spd_optax.adam_spd(lr, weight_decay=1.0, fused=False), shapes),
     }
   stacked_shapes, layer_axes = stack_blocks(shapes)
   return {

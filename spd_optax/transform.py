@@ -10,7 +10,6 @@ import numpy as np
 import optax
 
 from spd_optax import adam
-from spd_optax import kernels
 from spd_optax import layers
 from spd_optax import trees
 
@@ -131,24 +130,11 @@ def _add(a, b):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _sums(xs, axes):
-  """Sums of every x in `xs` over `axes`, with their inputs read once for all.
-
-  How depends on the backend (benchmarks/NOTES.md has the measurements):
-  XLA:CPU reads the inputs once per reduction unless they form one variadic
-  reduction; XLA:GPU fuses sibling reductions into one kernel by itself, and
-  its variadic reductions ran 1.25-1.8x slower than that.
-  """
-  return lax.platform_dependent(*xs, cpu=lambda *xs: _variadic_sums(xs, axes),
-                                default=lambda *xs: _separate_sums(xs, axes))
-
-
-def _variadic_sums(xs, axes):
+  """Sums of every x in `xs` over `axes`, from one variadic reduction, so
+  XLA reads the operands' inputs once for all (separate sums read them once
+  each)."""
   zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
   return lax.reduce(xs, zeros, _add, axes)
-
-
-def _separate_sums(xs, axes):
-  return tuple(jnp.sum(x, axis=axes) for x in xs)
 
 
 @_sums.defjvp
@@ -165,17 +151,14 @@ def _sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def _project(g, p, a, u, lam, axes, sums=None):
+def _project(g, p, a, u, lam, axes):
   """SPD for one leaf whose layers index `axes`. Returns (update, condition,
-  ratio, deviation), the last three of the shape of those axes. `sums`, if
-  given, are ⟨g,d⟩, ‖d‖², ⟨d,u⟩, ‖u‖² computed elsewhere (the fused pass)."""
+  ratio, deviation), the last three of the shape of those axes."""
   acc = _acc_dtype(p.dtype)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
   p_acc, u_acc = p.astype(acc), u.astype(acc)
   d = p_acc if a is None else p_acc - a.astype(acc)  # θ_{t-1} - θ_0
-  if sums is None:
-    sums = _sums((g.astype(acc) * d, d * d, d * u_acc, u_acc * u_acc), reduced)
-  gd, dd, du, uu = (s.astype(acc) for s in sums)
+  gd, dd, du, uu = _sums((g.astype(acc) * d, d * d, d * u_acc, u_acc * u_acc), reduced)
   condition = -gd
   norm_prev = _sqrt(dd)
   norm_new = _sqrt(dd + 2 * du + uu)  # ‖θ̃_t - θ_0‖
@@ -317,14 +300,6 @@ def selective_projection_decay(
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models](https://arxiv.org/abs/2411.01713), NeurIPS 2024.
   """
-  return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
-              anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host)
-
-
-def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
-         anchor_on_host, first_pass=None):
-  """`selective_projection_decay`; `first_pass`, if given, may compute some
-  leaves' proposed updates and sums itself (see `_fused_adam_pass`)."""
   if anchor not in ANCHORS:
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
                      "any other anchor use spd_optax.set_anchor after init.")
@@ -396,22 +371,17 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
                    else jax.device_put(a, jax.memory.Space.Device) for a in anchors_l]
     axes_l = layers.resolve(layer_axes, params)
     _check_layer_shapes(params, params_l, axes_l, marks)
-    sums_l = [None] * len(params_l)
-    if first_pass is not None:
-      proposed_l, sums_l, inner_state = first_pass(
-          treedef, grads_l, params_l, anchors_l, axes_l, marks, proposed_l,
-          state.inner_state, inner_state)
 
-    def one(g, p, a, u, ax, mark, sums):
+    def one(g, p, a, u, ax, mark):
       if isinstance(mark, optax.MaskedNode):
         return u, mark, mark, mark
-      u, *per_layer = _project(g, p, a, u, lam, ax, sums)
+      u, *per_layer = _project(g, p, a, u, lam, ax)
       # The state's dtypes stay those of init whatever the grads' dtype, so
       # a lax.scan carry or a jitted step's signature does not change.
       return (u, *(v.astype(mark.dtype) for v in per_layer))
 
     per_leaf = [one(*leaf) for leaf in
-                zip(grads_l, params_l, anchors_l, proposed_l, axes_l, marks, sums_l)]
+                zip(grads_l, params_l, anchors_l, proposed_l, axes_l, marks)]
     out_u, out_c, out_r, out_d = (list(col) for col in zip(*per_leaf)) if per_leaf else ([],) * 4
     new_state = SPDState(
         count=optax.safe_increment(state.count),
@@ -453,7 +423,6 @@ def adam_spd(
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
-    fused: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
@@ -486,14 +455,6 @@ def adam_spd(
       `selective_projection_decay`.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`); under
       `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
-    fused: compute Adam's moments and SPD's sums of each leaf in one fused
-      pass (`spd_optax.kernels`, Pallas) instead of XLA's reduction. None:
-      on a single GPU, where it is faster; True: always (Pallas'
-      interpreter off GPUs, for tests); False: never. Leaves with
-      ``layer_axes``, float64, or gradients or moments of another dtype
-      than the param's take the XLA path either way. The fused
-      pass is not partitioned: with params sharded over several devices,
-      leave it at None or False.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -505,56 +466,7 @@ def adam_spd(
       adam.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
-  if fused not in (None, True, False):
-    raise TypeError(f"fused must be None, True or False, got {fused!r}")
-  first_pass = None
-  if fused or (fused is None and jax.default_backend() == "gpu"
-               and jax.device_count() == 1):
-    first_pass = _fused_adam_pass(learning_rate, b1, b2, eps)
-  return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
-              anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host,
-              first_pass=first_pass)
-
-
-def _fused_adam_pass(learning_rate, b1, b2, eps):
-  """`adam_spd`'s first pass over each plain leaf as one Pallas kernel
-  (`kernels.adam_moments_and_sums`): the new moments and SPD's sums.
-
-  The inner Adam has already run in XLA; the moments it computed for these
-  leaves are replaced by the kernel's and so never used, and XLA drops their
-  computation from the compiled step. The proposed update is re-formed
-  from the kernel's moments exactly as the inner optimizer forms it.
-  """
-  interpret = jax.default_backend() != "gpu"
-  scale_lr = optax.scale_by_learning_rate(learning_rate)
-
-  def first_pass(treedef, grads_l, params_l, anchors_l, axes_l, marks,
-                 proposed_l, old_inner, new_inner):
-    (old_adam, old_lr), (new_adam, new_lr) = old_inner, new_inner
-    mu_l, nu_l = treedef.flatten_up_to(new_adam.mu), treedef.flatten_up_to(new_adam.nu)
-    old_mu, old_nu = treedef.flatten_up_to(old_adam.mu), treedef.flatten_up_to(old_adam.nu)
-    count = new_adam.count
-    # -η as scale_by_learning_rate applies it (it scales a unit direction).
-    neg_lr = scale_lr.update(jnp.ones((), jnp.float32), old_lr)[0]
-    bc1 = adam.bias_correction(b1, count, jnp.float32)
-    bc2 = adam.bias_correction(b2, count, jnp.float32)
-    proposed_l, sums_l = list(proposed_l), [None] * len(params_l)
-    fused = []
-    for i, (g, p, a, ax, mark) in enumerate(zip(grads_l, params_l, anchors_l, axes_l, marks)):
-      # Mixed dtypes take the XLA path: there Adam's update is formed from
-      # the moments before they are rounded to a narrower state dtype.
-      if (isinstance(mark, optax.MaskedNode) or ax
-          or len({x.dtype for x in (g, p, old_mu[i], old_nu[i])}) > 1
-          or not kernels.supported(p) or (a is not None and not kernels.supported(a))):
-        continue
-      mu_l[i], nu_l[i], sums_l[i] = kernels.adam_moments_and_sums(
-          g, p, a, old_mu[i], old_nu[i], neg_lr, bc1, bc2,
-          b1=b1, b2=b2, eps=eps, interpret=interpret)
-      fused.append(i)
-    directions = [adam.direction(mu_l[i], nu_l[i], count, b1, b2, eps) for i in fused]
-    for i, u in zip(fused, scale_lr.update(directions, old_lr)[0]):
-      proposed_l[i] = u
-    new_adam = new_adam._replace(mu=treedef.unflatten(mu_l), nu=treedef.unflatten(nu_l))
-    return proposed_l, sums_l, (new_adam, new_lr)
-
-  return first_pass
+  return selective_projection_decay(inner, weight_decay, anchor, mask,
+                                    layer_axes=layer_axes,
+                                    anchor_dtype=anchor_dtype,
+                                    anchor_on_host=anchor_on_host)

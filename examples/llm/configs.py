@@ -48,13 +48,12 @@ PRESETS = {
     # each (no strength search: it does not fit in 15 CPU minutes).
     "cpu": Config(lora_layers=8),
     # Adapters everywhere, longer windows, more steps, and a small strength
-    # grid per method, selected on the ID validation chapters. 300 steps
-    # (a first plan had 1,500) to fit this project's GPU time per session.
+    # grid per method, selected on the ID validation chapters.
     "gpu": Config(lora_rank=16, seq_len=256, batch_size=16, eval_batch_size=32,
-                  eval_windows=256, steps=300, learning_rate=5e-4,
-                  warmup_steps=20, adamw_weight_decay=(0.01, 0.1, 1.0),
+                  eval_windows=256, steps=1500, learning_rate=5e-4,
+                  warmup_steps=50, adamw_weight_decay=(0.01, 0.1, 1.0),
                   spd_strength=(0.25, 0.5, 1.0), seeds=(0, 1, 2), log_every=50,
-                  checkpoint_every=150),
+                  checkpoint_every=250),
 }
 
 

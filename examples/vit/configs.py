@@ -51,9 +51,9 @@ PRESETS = {
         learning_rate=3e-5, head_lr_multiplier=10.0, warmup_steps=8, search_seed=0, seeds=(0, 1, 2),
         strengths=_STRENGTHS, eval_batch=250, log_every=10, checkpoint_every=40),
     # Same recipe at 112px (8x8 patches), all data, more steps and seeds.
-    # Sized to fit this project's GPU time per session (30 minutes for
-    # everything): 600 steps and 3 corruption severities, where a first plan
-    # had 1,500 and 5.
+    # 600 steps and 3 corruption severities (a first plan had 1,500 and 5):
+    # on one H200, an AdamW run of 600 steps took 28-39 s plus 16 s for its
+    # OOD sets, so the 21 runs need about 20 minutes (docs/examples/vit.md).
     "gpu": Config(
         image_size=112, num_layers=None, n_train=3500, n_val=500, n_test=1000,
         n_digits=None, severities=(1, 3, 5), batch_size=64, steps=600,
