@@ -127,16 +127,27 @@ def backbone_params(model) -> dict:
   return {k: v for k, v in params.items() if k != "head"}
 
 
-def accuracy(model, images, labels, batch: int, image_size: int) -> float:
-  """Top-1 accuracy in % on 28x28 images, prepared for the model one batch at
-  a time (26 OOD sets at 112 px would take gigabytes if prepared up front)."""
+def batched(fn, images, batch: int, image_size: int) -> np.ndarray:
+  """fn over 28x28 images, prepared for the model one batch at a time (26 OOD
+  sets at 112 px would take gigabytes if prepared up front)."""
   n = len(images)
   # Pad to whole batches so every call has one shape and compiles once.
   x = np.concatenate([images, np.zeros((-n % batch, *images.shape[1:]), images.dtype)])
-  preds = np.concatenate([
-      np.asarray(predict(model, data.to_model_input(x[i:i + batch], image_size)))
-      for i in range(0, len(x), batch)])[:n]
+  return np.concatenate([np.asarray(fn(data.to_model_input(x[i:i + batch], image_size)))
+                         for i in range(0, len(x), batch)])[:n]
+
+
+def accuracy(model, images, labels, batch: int, image_size: int) -> float:
+  """Top-1 accuracy in % on 28x28 images."""
+  preds = batched(lambda x: predict(model, x), images, batch, image_size)
   return float(np.mean(preds == labels) * 100)
+
+
+def load_weights(args) -> tuple[dict, dict]:
+  """The backbone's state dict and config: --weights, else the pinned ONNX."""
+  if args.weights:
+    return convert.read_safetensors(args.weights)
+  return convert.read_onnx(convert.onnx_path())
 
 
 def training_steps(exp, name: str, start: int, total: int):
@@ -352,10 +363,7 @@ def main(argv=None) -> dict:
     for sub in ("runs", "checkpoints"):
       shutil.rmtree(results_dir / sub, ignore_errors=True)
   start = time.time()
-  if args.weights:
-    sd, hf_config = convert.read_safetensors(args.weights)
-  else:
-    sd, hf_config = convert.read_onnx(convert.onnx_path())
+  sd, hf_config = load_weights(args)
   exp = Experiment(cfg, args, sd, hf_config)
 
   searches, finals = [], []
@@ -388,10 +396,7 @@ def study_main(args) -> dict:
   start = time.perf_counter()
   timer = study.Timer()
   t = time.perf_counter()
-  if args.weights:
-    sd, hf_config = convert.read_safetensors(args.weights)
-  else:
-    sd, hf_config = convert.read_onnx(convert.onnx_path())
+  sd, hf_config = load_weights(args)
   timer.add("weights", t)
   exp = study.Study(cfg, args, sd, hf_config, timer)
   out = exp.execute()

@@ -28,8 +28,8 @@ from flax import nnx
 
 from examples.common import Checkpointer, spd_log
 from examples.vit import data, stats
-from examples.vit.finetune import (backbone_params, batch_indices, make_optimizer,
-                                   training_steps)
+from examples.vit.finetune import (backbone_params, batch_indices, batched, make_optimizer,
+                                   predict, training_steps)
 from spd_optax.state import spd_states_with_paths
 
 NAMES = {"probe": "Linear probe", "adam": "Adam", "adamw": "AdamW", "l2sp": "L2-SP",
@@ -75,11 +75,6 @@ def pooled_features(model, images):
   """What the head reads: class token and mean patch token, concatenated."""
   tokens = model.features(images)
   return jnp.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
-
-
-@nnx.jit
-def predict(model, images):
-  return jnp.argmax(model(images), axis=-1)
 
 
 def block_of(path: str) -> str | None:
@@ -163,12 +158,7 @@ class Study:
                                        num_layers=self.cfg.num_layers, num_classes=10, seed=seed)
 
   def _batched(self, fn, images):
-    """fn over 28x28 images in fixed-size batches (one compile per shape)."""
-    cfg, n = self.cfg, len(images)
-    x = np.concatenate([images, np.zeros((-n % cfg.eval_batch, *images.shape[1:]), images.dtype)])
-    return np.concatenate([np.asarray(fn(data.to_model_input(x[i:i + cfg.eval_batch],
-                                                              cfg.image_size)))
-                           for i in range(0, len(x), cfg.eval_batch)])[:n]
+    return batched(fn, images, self.cfg.eval_batch, self.cfg.image_size)
 
   def predictions(self, model, names) -> dict[str, list[int]]:
     t = time.perf_counter()
