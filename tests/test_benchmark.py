@@ -23,3 +23,16 @@ def test_bench_runs_on_a_tiny_stacked_model():
   assert r["leaves"] == 3 and r["stacked_over_unstacked"] > 0
   assert set(bench.bench(shapes, reps=1, warmup=1)["median_ms"]) == {
       "optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
+
+
+def test_bench_records_xla_words_and_fusions_in_bfloat16():
+  import jax.numpy as jnp
+  shapes = {"w": (64, 32), "b": (32,)}
+  r = bench.bench(shapes, reps=1, warmup=1, dtype=jnp.bfloat16)
+  stats = r["compiled"]
+  assert set(stats) == set(r["median_ms"])
+  for name, s in stats.items():
+    assert sum(s["fusions"].values()) > 0, name
+    assert s["words_per_param"] > 0, name
+  # SPD reads the anchor and its own sums on top of Adam's traffic.
+  assert stats["adam_spd"]["words_per_param"] > stats["optax.adamw"]["words_per_param"]
