@@ -4,7 +4,8 @@ whose answer is known (no model, no data: fast)."""
 import numpy as np
 import pytest
 
-from examples.vit import stats, study, study_report
+from examples import stats
+from examples.vit import study, study_report
 
 
 def test_identical_methods_give_a_degenerate_interval_at_zero():

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 
 from examples.common import _markdown_table
-from examples.vit import stats
+from examples import stats
 from examples.vit.study import COLORS, NAMES, OOD_SETS, TUNED, block_order
 
 PAIRS = (("spd", "adamw"), ("spd", "l2sp"), ("spd", "adam"))
@@ -52,13 +52,13 @@ def summary_rows(out) -> list[dict]:
   rows = []
   probe = out["probe"]
   rows.append({"method": NAMES["probe"], "strength": f"C={probe['strength']:g}", "seeds": 1,
-               "ID test": probe["test"], "corrupt": probe["corrupt"], "digits": probe["digits"],
+               "ID test": probe["test"], **{k: probe[k] for k in OOD_SETS},
                "mean OOD": probe["ood_mean"], "‖θ−θ₀‖": 0.0})
   for key, runs in out["finals"].items():
     col = lambda k: np.array([r[k] for r in runs])
     rows.append({"method": NAMES[key], "strength": f"{runs[0]['strength']:g}", "seeds": len(runs),
                  "ID test": f"{col('test').mean():.2f} ± {col('test').std():.2f}",
-                 "corrupt": col("corrupt").mean(), "digits": col("digits").mean(),
+                 **{k: col(k).mean() for k in OOD_SETS},
                  "mean OOD": f"{col('ood_mean').mean():.2f} ± {col('ood_mean').std():.2f}",
                  "‖θ−θ₀‖": col("deviation").mean()})
   return rows
@@ -177,21 +177,21 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
            "ID test": r["test"], "mean OOD": r["ood_mean"], "‖θ−θ₀‖": r["deviation"]}
           for key in ("adam", *TUNED) for r in out["grid"][key]]
   fronts = [{"method": f["method"], "alpha": p["alpha"], "ID test": p["test"],
-             "corrupt": p["corrupt"], "digits": p["digits"], "mean OOD": p["ood_mean"]}
+             **{k: p[k] for k in OOD_SETS}, "mean OOD": p["ood_mean"]}
             for f in out["frontier"] for p in f["points"]]
   val_curve = [{"step": h["step"], "val_acc": h["val_acc"]}
                for h in out["grid"]["adam"][0]["history"] if "val_acc" in h]
   diff_cols = ["comparison", "seeds", "ID diff", "ID 95% CI", "ID differs",
                "mean OOD diff", "mean OOD 95% CI", "mean OOD differs"]
   md = ["## Methods at their chosen strengths (mean ± std over seeds)\n",
-        _markdown_table(summary, ["method", "strength", "seeds", "ID test", "corrupt", "digits",
+        _markdown_table(summary, ["method", "strength", "seeds", "ID test", *OOD_SETS,
                                   "mean OOD", "‖θ−θ₀‖"]),
         "\n## Paired differences (points; 95% bootstrap CI over seeds and test images)\n",
         _markdown_table(diffs, diff_cols),
         "\n## Strength grid (seed 0)\n",
         _markdown_table(grid, ["method", "strength", "val_acc", "ID test", "mean OOD", "‖θ−θ₀‖"]),
         "\n## Frontier (seed 0)\n",
-        _markdown_table(fronts, ["method", "alpha", "ID test", "corrupt", "digits", "mean OOD"]),
+        _markdown_table(fronts, ["method", "alpha", "ID test", *OOD_SETS, "mean OOD"]),
         "\n## Plain Adam, seed 0: ID-val accuracy during training\n",
         _markdown_table(val_curve, ["step", "val_acc"]),
         "\n## Time (s)\n",

@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals for the ViT study (pure numpy).
+"""Paired bootstrap intervals for the examples' studies (pure numpy).
 
 The study's design is crossed: every method is trained with the same seeds
 and evaluated on the same test images. Both are random (another seed, or
