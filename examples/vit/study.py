@@ -9,7 +9,7 @@ method over a grid of strengths (plain Adam, strength 0, is the grid's
 shared first point); each method's strength is chosen on ID validation only
 and run on the other seeds. Every run keeps its per-image predictions, so
 the differences between methods get paired bootstrap intervals over seeds
-and test images (examples/vit/stats.py). The chosen seed-0 runs are also
+and test images (examples/stats.py). The chosen seed-0 runs are also
 evaluated along θ0 + α(θ - θ0) (the ID–OOD frontier), and SPD's per-leaf
 state is logged during training (the per-block heatmap).
 """
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from examples.common import Checkpointer, spd_log
-from examples.vit import data, stats
+from examples.vit import data
 from examples.vit.finetune import (backbone_params, batch_indices, batched, make_optimizer,
                                    predict, training_steps)
 from spd_optax.state import spd_states_with_paths
@@ -38,8 +38,8 @@ NAMES = {"probe": "Linear probe", "adam": "Adam", "adamw": "AdamW", "l2sp": "L2-
 COLORS = {"probe": "tab:gray", "adam": "tab:orange", "adamw": "tab:blue",
           "l2sp": "tab:green", "spd": "tab:red"}
 TUNED = ("adamw", "l2sp", "spd")
-EVAL_SETS = ("test", "corrupt", "digits")   # ID test, then the OOD sets
-OOD_SETS = ("corrupt", "digits")
+OOD_SETS = ("corrupt", "digits", "fonts")
+EVAL_SETS = ("test", *OOD_SETS)   # ID test, then the OOD sets
 
 
 class Timer:
@@ -239,7 +239,10 @@ class Study:
     if path.exists():
       return json.loads(path.read_text())
     model = self.new_model(seed)
-    self._init_head_from_probe(model)
+    if cfg.head_init == "probe":
+      self._init_head_from_probe(model)
+    elif cfg.head_init != "zero":
+      raise ValueError(f"head_init is {cfg.head_init!r}; use 'probe' or 'zero'")
     tx = make_optimizer("spd" if key == "adam" else key, cfg.learning_rate, cfg.warmup_steps,
                         cfg.steps, cfg.head_lr_multiplier)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -389,9 +392,10 @@ class Study:
 
 
 def study_ood_sets(test_images, test_labels, *, n, severity, seed):
-  """Two OOD sets of n images: the ID test images, each with one of the five
-  corruptions in turn (all kinds in one set, so one set of n images rather
-  than five sets of n/5), and sklearn's digits (another source)."""
+  """Three OOD sets of n images: the ID test images, each with one of the
+  five corruptions in turn (all kinds in one set, so one set of n images
+  rather than five sets of n/5), sklearn's digits (other writers, 8x8 scans)
+  and typeset digits (matplotlib's fonts: type, not handwriting)."""
   x, y = test_images[:n], test_labels[:n]
   corrupted = np.empty_like(x)
   for i, kind in enumerate(data.CORRUPTIONS):
@@ -399,4 +403,5 @@ def study_ood_sets(test_images, test_labels, *, n, severity, seed):
     corrupted[sel] = data.corrupt(x[sel], kind, severity, seed)
   digits, labels = data.load_digits28(None)
   order = np.random.default_rng(seed).permutation(len(digits))[:n]
-  return {"corrupt": (corrupted, y), "digits": (digits[order], labels[order])}
+  return {"corrupt": (corrupted, y), "digits": (digits[order], labels[order]),
+          "fonts": data.load_font_digits(n, seed)}
