@@ -78,6 +78,7 @@ class StudyConfig:
   learning_rate: float
   head_lr_multiplier: float
   warmup_steps: int
+  head_init: str             # "probe" (LP-FT: start from the probe's head) or "zero"
   seeds: tuple[int, ...]     # seed 0 also runs the strength grids
   strengths: dict            # method -> nonzero strengths; 0 (plain Adam) is shared
   probe_train: int           # training images the linear probe fits on
@@ -102,7 +103,7 @@ STUDY_PRESETS = {
         # in its first steps (Adam turns the probe-head's tiny gradients into
         # full-size steps); 1e-5 peaked at 1.4 and reached ID-val 91.8 % by
         # step 36-48, where 5e-5 reached 88.8 % (plain Adam, seed 0).
-        learning_rate=1e-5, head_lr_multiplier=1.0, warmup_steps=4,
+        learning_rate=1e-5, head_lr_multiplier=1.0, warmup_steps=4, head_init="probe",
         seeds=(0, 1, 2, 3, 4),
         strengths={"adamw": (0.1, 1.0, 10.0, 100.0), "l2sp": (0.1, 1.0, 10.0, 100.0),
                    "spd": (0.1, 0.25, 0.5, 1.0)},
@@ -113,7 +114,7 @@ STUDY_PRESETS = {
     "study-smoke": StudyConfig(
         image_size=28, num_layers=2, n_train=64, n_val=32, n_test=40, n_ood=40,
         corruption_severity=3, batch_size=8, steps=4, learning_rate=1e-4,
-        head_lr_multiplier=10.0, warmup_steps=1, seeds=(0, 1),
+        head_lr_multiplier=10.0, warmup_steps=1, head_init="probe", seeds=(0, 1),
         strengths={"adamw": (1.0,), "l2sp": (1.0,), "spd": (0.5, 1.0)},
         probe_train=64, probe_C=(0.1, 1.0), alphas=(0.0, 0.5, 1.0), val_curve_every=2,
         eval_batch=40, log_every=1, checkpoint_every=2, n_boot=200),
