@@ -269,3 +269,51 @@ def test_entry_point_with_safetensors_weights_and_strength_search(tmp_path, monk
     best = min(mine, key=lambda r: r["val_ppl"])
     assert best["selected"]
   assert "val_ppl" in (tmp_path / "out" / "llm.md").read_text()
+
+
+def test_study_end_to_end_resumes_to_the_same_result(tmp_path):
+  """The `study-smoke` path on a tiny random checkpoint: stopped inside its
+  first run and resumed, it gives the straight run's numbers; the frontier's
+  ends are the pre-trained model and the run, its middle is neither."""
+  _tiny_hf_checkpoint(tmp_path / "weights", tie=True)
+  common = ["--preset", "study-smoke", "--weights", str(tmp_path / "weights" / "model.safetensors")]
+  straight = finetune.main(common + ["--results-dir", str(tmp_path / "a")])
+  assert finetune.main(common + ["--results-dir", str(tmp_path / "b"), "--stop-after", "2"]) is None
+  assert list((tmp_path / "b" / "checkpoints").iterdir())
+  resumed = finetune.main(common + ["--results-dir", str(tmp_path / "b"), "--resume"])
+
+  for key in ["adamw", "adam_spd"]:
+    assert len(resumed["finals"][key]) == 2   # both seeds, at the chosen strength
+    for x, y in zip(straight["finals"][key], resumed["finals"][key]):
+      for k in ["id", "pydoc"]:
+        np.testing.assert_allclose(y["nll"][k], x["nll"][k], rtol=1e-5)
+  assert straight["chosen"] == resumed["chosen"]
+  assert [h["step"] for h in resumed["grid"]["adam"][0]["history"]] == [2, 4]
+  row = resumed["differences"][0]
+  assert row["seeds"] == 2 and "pydoc rise 95% CI" in row
+  base = resumed["pretrained"]
+  for front in resumed["frontier"]:
+    ends = {p["alpha"]: p for p in front["points"]}
+    run = next(r for r in resumed["grid"][front["key"]] if r["strength"] == front["strength"])
+    assert ends[0.0]["id_ppl"] == base["id_ppl"] and ends[1.0]["id_ppl"] == run["id_ppl"]
+    assert ends[0.5]["id_ppl"] not in (base["id_ppl"], run["id_ppl"])
+  for name in ["llm_study.md", "llm_study.json", "llm_study_frontier.png",
+               "llm_study_sensitivity.png"]:
+    assert (tmp_path / "b" / name).stat().st_size > 0
+
+
+def test_study_differences_are_perplexity_ratios():
+  """Adam-SPD's window NLLs a constant c below AdamW's: the perplexity ratio
+  is exp(-c), on every bootstrap draw."""
+  from examples.llm import study
+
+  rng = np.random.default_rng(0)
+  c = np.log(1.02)
+  adamw = [{"seed": s, "nll": {k: rng.normal(3, 0.5, 50).tolist() for k in ["id", "pydoc"]}}
+           for s in range(3)]
+  spd = [{"seed": r["seed"], "nll": {k: (np.asarray(v) - c).tolist() for k, v in r["nll"].items()}}
+         for r in adamw]
+  (row,) = study.paired_differences({"adamw": adamw, "adam_spd": spd}, n_boot=500)
+  for label in ["ID", "pydoc rise"]:
+    assert row[f"{label} Δ%"] == pytest.approx(100 * (1 / 1.02 - 1), abs=1e-9)
+    assert row[f"{label} differs"] == "yes"

@@ -11,6 +11,7 @@ the fine-tuning should keep), next to the adapters' norm.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -38,7 +39,9 @@ COLUMNS = ["method", "strength", "seed", "steps", "id_ppl", "ood_bible_ppl",
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--preset", default="cpu", choices=sorted(configs.PRESETS))
+  p.add_argument("--preset", default="cpu",
+                 choices=sorted(configs.PRESETS) + sorted(configs.STUDY_PRESETS),
+                 help="study / study-smoke: the statistical comparison of examples/llm/study.py")
   p.add_argument("--results-dir", default="results/llm")
   p.add_argument("--resume", action="store_true",
                  help="reuse finished runs and continue unfinished ones from "
@@ -278,6 +281,11 @@ def mark_selected(rows):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   cfg = configs.get_config(args.preset)
+  if args.preset in configs.STUDY_PRESETS:
+    from examples.llm import study
+    if args.steps is not None:
+      cfg = dataclasses.replace(cfg, steps=args.steps)
+    return study.main(args, cfg)
   steps = cfg.steps if args.steps is None else args.steps
   results_dir = pathlib.Path(args.results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)

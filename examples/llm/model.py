@@ -143,8 +143,14 @@ class Llama(nnx.Module):
     return self.lm_head(x)
 
 
-def next_token_nll(logits, tokens):
-  """Mean negative log-likelihood of tokens[:, 1:] given the logits before them."""
+def window_nll(logits, tokens):
+  """[batch] mean negative log-likelihood of each window's tokens[1:] given
+  the logits before them (the study's unit of test data)."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return -jnp.mean(picked)
+  return -jnp.mean(picked, axis=1)
+
+
+def next_token_nll(logits, tokens):
+  """Mean negative log-likelihood of tokens[:, 1:] given the logits before them."""
+  return jnp.mean(window_nll(logits, tokens))
