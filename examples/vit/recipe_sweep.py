@@ -30,6 +30,7 @@ RECIPES = {
     "zero-lr1e-4-b16": dict(head_init="zero", head_lr_multiplier=10.0, learning_rate=1e-4,
                             batch_size=16, steps=96, warmup_steps=8),
     "lpft-lr3e-5-b16": dict(learning_rate=3e-5, batch_size=16, steps=96, warmup_steps=16),
+    "lpft-lr3e-5-b16-s72": dict(learning_rate=3e-5, batch_size=16, steps=72, warmup_steps=12),
 }
 
 

@@ -205,7 +205,10 @@ class Study:
     method's α = 0 point (θ0 with its own head) read them."""
     cache = self.dir / "anchor_features.npz"
     if cache.exists():
-      return dict(np.load(cache))
+      feats = dict(np.load(cache))
+      # A cache from a version with other evaluation sets is recomputed.
+      if set(feats) == {"train", "val", *EVAL_SETS}:
+        return feats
     model = self.new_model(0)
     t = time.perf_counter()
     n = self.cfg.probe_train
@@ -368,6 +371,8 @@ class Study:
   def execute(self) -> dict:
     cfg = self.cfg
     seed0, others = cfg.seeds[0], cfg.seeds[1:]
+    if unknown := set(cfg.final_methods) - {"adam", *TUNED}:
+      raise ValueError(f"final_methods has {sorted(unknown)}; choose from adam, {', '.join(TUNED)}")
     probe = self.probe()
     # Seed 0: the strength grids, plain Adam (strength 0) first: it is every grid's 0.
     grid = {"adam": [self.run("adam", 0.0, seed0, with_val=True)]}
@@ -385,7 +390,7 @@ class Study:
     # the seeds it finished.
     finals = {k: [next(r for r in grid[k] if r["strength"] == chosen[k])] for k in chosen}
     for seed in others:
-      for key in chosen:
+      for key in cfg.final_methods:
         finals[key].append(self.run(key, chosen[key], seed, with_val=False))
     return {"probe": probe, "grid": grid, "chosen": chosen, "frontier": fronts,
             "finals": finals}

@@ -31,8 +31,8 @@ def paired_differences(finals, labels, n_boot, seed=0) -> list[dict]:
   n_ood = [len(labels[k]) for k in OOD_SETS]
   ood_strata = np.split(np.arange(sum(n_ood)), np.cumsum(n_ood)[:-1])
   for a, b in PAIRS:
-    if not finals.get(a) or not finals.get(b):
-      continue
+    if len(finals.get(a, [])) < 2 or len(finals.get(b, [])) < 2:
+      continue   # a reference run on one seed: no interval over seeds
     row = {"comparison": f"{NAMES[a]} − {NAMES[b]}"}
     for metric, sets, strata in (("ID", ["test"], None), ("mean OOD", list(OOD_SETS), ood_strata)):
       ca, cb = correct(finals[a], labels, sets), correct(finals[b], labels, sets)
