@@ -81,6 +81,7 @@ class Study:
                                      lora_attn=cfg.lora_attn, lora_mlp=cfg.lora_mlp,
                                      lora_layers=cfg.lora_layers, n_layers=cfg.n_layers)
     self.sets = make_datasets(cfg, tok)
+    print(f"windows of {cfg.seq_len} tokens: " + ", ".join(f"{k} {len(v)}" for k, v in self.sets.items()))
     self.tx = {m: make_tx(cfg, m) for m in TUNED}
 
   def nll(self, names) -> dict[str, list[float]]:
