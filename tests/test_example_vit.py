@@ -223,11 +223,19 @@ def test_study_smoke_end_to_end_with_resume(tmp_path, onnx_weights):
   for d in out["differences"]:
     for metric in ("ID", "mean OOD"):
       assert d[metric]["lo"] <= d[metric]["diff"] <= d[metric]["hi"]
-  # The frontier: every α per method; α = 1 is the trained run itself.
+  # Grid points are scored on the first side_eval images of each test set,
+  # the chosen ones then on all of them (the intervals use seed 0 too).
+  for key, runs in out["grid"].items():
+    for r in runs:
+      chosen = r["strength"] == out["chosen"][key]
+      assert len(r["preds"]["fonts"]) == (cfg.n_ood if chosen else cfg.side_eval)
+      assert ("grid_point" in r) == chosen
+  # The frontier: every α per method; α = 1 is the trained run itself, on
+  # the same images as the other points.
   for front in out["frontier"]:
     assert [p["alpha"] for p in front["points"]] == list(cfg.alphas)
     run = next(r for r in out["grid"][front["key"]] if r["strength"] == out["chosen"][front["key"]])
-    assert front["points"][-1]["test"] == run["test"]
+    assert front["points"][-1]["test"] == run["grid_point"]["test"]
   # SPD's per-block state was logged at every step, one entry per block.
   spd = out["finals"]["spd"][0]
   logged = [h["spd_blocks"] for h in spd["history"]]

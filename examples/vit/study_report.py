@@ -64,16 +64,22 @@ def summary_rows(out) -> list[dict]:
   return rows
 
 
+def grid_point(run) -> dict:
+  """A seed-0 grid run's scores as the grid measured them (first side_eval
+  images per test set), also for the chosen run scored in full later."""
+  return {**run, **run.get("grid_point", {})}
+
+
 def plot_sensitivity(out, n_sets, path):
   """ID-val, ID-test and mean-OOD accuracy against strength, seed 0."""
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
-  adam = out["grid"]["adam"][0]
+  adam = grid_point(out["grid"]["adam"][0])
   for ax, (metric, label) in zip(axes, (("val_acc", "ID validation"), ("test", "ID test"),
                                         ("ood_mean", "mean OOD"))):
     n = n_sets[metric]
     for key in TUNED:
-      runs = sorted(out["grid"][key], key=lambda r: r["strength"])
+      runs = sorted(map(grid_point, out["grid"][key]), key=lambda r: r["strength"])
       x = [r["strength"] for r in runs]
       y = [r[metric] for r in runs]
       err = [stats.binomial_halfwidth(v, n) for v in y]
@@ -169,13 +175,15 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
   """Writes study.{json,md} and the figures; returns what main prints."""
   d = pathlib.Path(results_dir)
   d.mkdir(parents=True, exist_ok=True)
-  n_sets = {"val_acc": len(labels["val"]), "test": len(labels["test"]),
-            "ood_mean": sum(len(labels[k]) for k in OOD_SETS)}
+  side = lambda k: min(cfg.side_eval or len(labels[k]), len(labels[k]))
+  # Sizes behind the one-seed figures' error bars (grid points, frontier).
+  n_sets = {"val_acc": len(labels["val"]), "test": side("test"),
+            "ood_mean": sum(side(k) for k in OOD_SETS)}
   summary = summary_rows(out)
   diffs = paired_differences(out["finals"], labels, cfg.n_boot)
   grid = [{"method": r["method"], "strength": r["strength"], "val_acc": r["val_acc"],
            "ID test": r["test"], "mean OOD": r["ood_mean"], "‖θ−θ₀‖": r["deviation"]}
-          for key in ("adam", *TUNED) for r in out["grid"][key]]
+          for key in ("adam", *TUNED) for r in map(grid_point, out["grid"][key])]
   fronts = [{"method": f["method"], "alpha": p["alpha"], "ID test": p["test"],
              **{k: p[k] for k in OOD_SETS}, "mean OOD": p["ood_mean"]}
             for f in out["frontier"] for p in f["points"]]
@@ -188,9 +196,9 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
                                   "mean OOD", "‖θ−θ₀‖"]),
         "\n## Paired differences (points; 95% bootstrap CI over seeds and test images)\n",
         _markdown_table(diffs, diff_cols),
-        "\n## Strength grid (seed 0)\n",
+        f"\n## Strength grid (seed 0; test sets: first {n_sets['test']} images each)\n",
         _markdown_table(grid, ["method", "strength", "val_acc", "ID test", "mean OOD", "‖θ−θ₀‖"]),
-        "\n## Frontier (seed 0)\n",
+        f"\n## Frontier (seed 0; first {n_sets['test']} images of each test set)\n",
         _markdown_table(fronts, ["method", "alpha", "ID test", *OOD_SETS, "mean OOD"]),
         "\n## Plain Adam, seed 0: ID-val accuracy during training\n",
         _markdown_table(val_curve, ["step", "val_acc"]),
