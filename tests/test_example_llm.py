@@ -317,3 +317,28 @@ def test_study_differences_are_perplexity_ratios():
   for label in ["ID", "pydoc rise"]:
     assert row[f"{label} Δ%"] == pytest.approx(100 * (1 / 1.02 - 1), abs=1e-9)
     assert row[f"{label} differs"] == "yes"
+
+
+def test_study_frontier_point_does_not_depend_on_the_alphas_before_it(tmp_path):
+  """Each α scales the *trained* B factors: evaluating α = 0.25 first must
+  not change what α = 0.5 gives (it did while the loaded factors were numpy
+  arrays that nnx rescaled in place)."""
+  import argparse
+  import dataclasses
+
+  from examples.llm import configs, study
+
+  _tiny_hf_checkpoint(tmp_path / "weights", tie=True)
+  args = argparse.Namespace(results_dir=str(tmp_path / "out"), stop_after=None,
+                            weights=str(tmp_path / "weights" / "model.safetensors"),
+                            config=None, tokenizer=None)
+  cfg = dataclasses.replace(configs.STUDY_PRESETS["study-smoke"], alphas=(0.0, 0.25, 0.5, 1.0))
+  s = study.Study(cfg, args)
+  base = s.pretrained()
+  run = s.run("adamw", 0.1, 0, with_val=True)
+  first = {p["alpha"]: p for p in s.frontier(run, base)["points"]}
+  (tmp_path / "out" / "runs" / "frontier_adamw.json").unlink()
+  s.cfg = dataclasses.replace(cfg, alphas=(0.5,))
+  alone = s.frontier(run, base)["points"][0]
+  assert alone["id_ppl"] == pytest.approx(first[0.5]["id_ppl"], rel=1e-6)
+  assert first[0.25]["id_ppl"] != pytest.approx(first[0.5]["id_ppl"], rel=1e-6)

@@ -168,9 +168,11 @@ class Study:
     saved = np.load(self.dir / "runs" / f"{name}.adapters.npz")
     state = nnx.state(self.model, nnx.LoRAParam)
     treedef = jax.tree.structure(state)
-    nnx.update(self.model, jax.tree.unflatten(treedef, [saved[f"arr_{i}"]
+    # jax arrays, not the loaded numpy ones: nnx writes `v[...] = x` into a
+    # numpy value in place, which would rescale the saved B factors too.
+    nnx.update(self.model, jax.tree.unflatten(treedef, [jnp.asarray(saved[f"arr_{i}"])
                                                         for i in range(treedef.num_leaves)]))
-    trained_b = [m.lora_b[...] for m in lora_modules(self.model)]
+    trained_b = [jnp.asarray(m.lora_b[...]) for m in lora_modules(self.model)]
     points = []
     for alpha in self.cfg.alphas:
       if alpha in (0, 1):   # the pre-trained model and the run itself: known
