@@ -20,6 +20,19 @@ CACHE_DIR = pathlib.Path(
 ).expanduser()
 
 
+def machine() -> dict:
+  """What a timing was measured on: the same code runs at other speeds, and
+  (on CPU) with other rounding, on another processor."""
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  except OSError:
+    pass
+  return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "backend": jax.default_backend(),
+          "jax": jax.__version__}
+
+
 def _sha256(path: pathlib.Path) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import spd_optax
 from examples import stats
-from examples.common import Checkpointer, _markdown_table, spd_log
+from examples.common import Checkpointer, _markdown_table, machine, spd_log
 from examples.llm import convert
 from examples.llm.finetune import (_restore, _save, adapter_norms, batch_indices, load_base,
                                    make_datasets, reset_adapters, train_step)
@@ -333,8 +333,13 @@ def main(args, cfg) -> dict | None:
   seconds.update(study.seconds)
   seconds["other (compiles, frontier bookkeeping)"] = (time.perf_counter() - start
                                                        - sum(seconds.values()))
+  t = time.perf_counter()
   report = write(d, out, cfg, seconds)
+  seconds["reports"] = time.perf_counter() - t
   seconds["total"] = time.perf_counter() - start
+  (d / "llm_study_timing.json").write_text(json.dumps(
+      {"preset": args.preset, "seconds": seconds["total"], "parts": seconds,
+       "machine": machine()}, indent=1))
   print("where the time went (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
   for row in report["differences"]:
     print(f"{row['comparison']} ({row['seeds']} seeds): ID ppl {row['ID Δ%']:+.2f}% "

@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import spd_optax
-from examples.common import Checkpointer, spd_log, write_report
+from examples.common import Checkpointer, machine, spd_log, write_report
 from examples.vit import convert, data
 from examples.vit.configs import PRESETS, STUDY_PRESETS, Config
 
@@ -411,7 +411,7 @@ def study_main(args) -> dict:
   timing["total"] = seconds
   (results_dir / "vit_timing.json").write_text(json.dumps(
       {"preset": args.preset, "seconds": seconds, "parts": timing,
-       "backend": jax.default_backend(), "resumed": exp.resumed}, indent=1))
+       "machine": machine(), "resumed": exp.resumed}, indent=1))
   print("where the time went (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()))
   for row in report["differences"]:
     print(f"{row['comparison']} ({row['seeds']} seeds): ID {row['ID diff']:+.2f} {row['ID 95% CI']}, "

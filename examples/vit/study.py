@@ -273,13 +273,16 @@ class Study:
       self.timer.add("compile (first steps)" if first else "optimizer step", t)
       self.steps_taken += 1
       done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.steps:
+      # The validation curve has its own period: a multiple of log_every
+      # would otherwise be needed for it to be read at all.
+      val_due = val_curve and done % cfg.val_curve_every == 0
+      if done % cfg.log_every == 0 or done == cfg.steps or val_due:
         t = time.perf_counter()
         row = {"step": done, "loss": float(loss),
                **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
         if key in ("spd", "adam"):
           row["spd_blocks"] = spd_per_block(optimizer.opt_state)
-        if val_curve and done % cfg.val_curve_every == 0:
+        if val_due:
           row["val_acc"] = self.accuracy(self.predictions(model, ["val"])["val"], "val")
         history.append(row)
         self.timer.add("logging", t)

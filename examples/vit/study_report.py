@@ -56,12 +56,21 @@ def summary_rows(out) -> list[dict]:
                "mean OOD": probe["ood_mean"], "‖θ−θ₀‖": 0.0})
   for key, runs in out["finals"].items():
     col = lambda k: np.array([r[k] for r in runs])
+    # One seed (the plain-Adam reference) has no spread to show.
+    spread = lambda k: f"{col(k).mean():.2f}" + (f" ± {col(k).std():.2f}" if len(runs) > 1 else "")
     rows.append({"method": NAMES[key], "strength": f"{runs[0]['strength']:g}", "seeds": len(runs),
-                 "ID test": f"{col('test').mean():.2f} ± {col('test').std():.2f}",
-                 **{k: col(k).mean() for k in OOD_SETS},
-                 "mean OOD": f"{col('ood_mean').mean():.2f} ± {col('ood_mean').std():.2f}",
-                 "‖θ−θ₀‖": col("deviation").mean()})
+                 "ID test": spread("test"), **{k: col(k).mean() for k in OOD_SETS},
+                 "mean OOD": spread("ood_mean"), "‖θ−θ₀‖": col("deviation").mean()})
   return rows
+
+
+def _fixed(rows, decimals) -> list[dict]:
+  """Rows with their float columns at a fixed number of decimals, so the
+  markdown tables can go into the docs as they are."""
+  fmt = lambda c, v: (f"{v:+.{decimals[c][1:]}f}" if decimals[c].startswith("+")
+                      else f"{v:.{decimals[c]}f}")
+  return [{c: fmt(c, v) if c in decimals and isinstance(v, float) else v for c, v in r.items()}
+          for r in rows]
 
 
 def grid_point(run) -> dict:
@@ -97,27 +106,41 @@ def plot_sensitivity(out, n_sets, path):
   plt.close(fig)
 
 
-def plot_frontier(out, n_sets, path):
-  """Mean-OOD against ID accuracy along θ0 + α(θ − θ0), seed 0."""
+ALPHA_MARKERS = ("o", "^", "s", "D", "*")
+
+
+def plot_frontier(out, n_sets, labels, path):
+  """Mean-OOD against ID accuracy along θ0 + α(θ − θ0), seed 0. One colour
+  per method, one marker per α (text labels would pile up where the curves
+  meet)."""
+  from matplotlib.lines import Line2D
   plt = _plt()
-  fig, ax = plt.subplots(figsize=(6.5, 5))
+  fig, ax = plt.subplots(figsize=(7, 5.2))
+  alphas = sorted({p["alpha"] for f in out["frontier"] for p in f["points"]})
+  marker = dict(zip(alphas, ALPHA_MARKERS * len(alphas)))
   for front in out["frontier"]:
-    pts = front["points"]
+    pts, color = front["points"], COLORS[front["key"]]
     x, y = [p["test"] for p in pts], [p["ood_mean"] for p in pts]
-    ax.errorbar(x, y, xerr=[stats.binomial_halfwidth(v, n_sets["test"]) for v in x],
-                yerr=[stats.binomial_halfwidth(v, n_sets["ood_mean"]) for v in y],
-                marker="o", capsize=2, color=COLORS[front["key"]],
-                label=f"{front['method']} ({front['strength']:g})")
-    for p in pts:
-      ax.annotate(f"α={p['alpha']:g}", (p["test"], p["ood_mean"]), fontsize=7,
-                  textcoords="offset points", xytext=(4, -8))
-  probe = out["probe"]
-  ax.scatter([probe["test"]], [probe["ood_mean"]], marker="s", color=COLORS["probe"],
-             label=NAMES["probe"], zorder=3)
-  ax.set_xlabel("ID test accuracy (%)")
-  ax.set_ylabel("mean OOD accuracy (%)")
-  ax.set_title("ID–OOD frontier: θ₀ + α(θ − θ₀), head as trained (seed 0)", fontsize=9)
-  ax.legend(fontsize=8)
+    ax.plot(x, y, color=color, lw=1.5, label=f"{front['method']} ({front['strength']:g})")
+    for p, xi, yi in zip(pts, x, y):
+      ax.errorbar([xi], [yi], xerr=[stats.binomial_halfwidth(xi, n_sets["test"])],
+                  yerr=[stats.binomial_halfwidth(yi, n_sets["ood_mean"])], color=color,
+                  marker=marker[p["alpha"]], ms=7, capsize=2, elinewidth=0.7, alpha=0.9)
+  # The probe on the same images as the frontier points.
+  probe = out["probe"]["preds"]
+  n = n_sets["test"]
+  acc = lambda k: float(np.mean(np.asarray(probe[k][:n]) == labels[k][:n]) * 100)
+  ax.scatter([acc("test")], [np.mean([acc(k) for k in OOD_SETS])], marker="P", s=80,
+             color=COLORS["probe"], label=NAMES["probe"], zorder=3)
+  ax.set_xlabel(f"ID test accuracy (%, first {n} images)")
+  ax.set_ylabel(f"mean OOD accuracy (%, first {n} images per set)")
+  ax.set_title("ID–OOD frontier: θ₀ + α(θ − θ₀), head as trained (seed 0; bars: 95%)",
+               fontsize=9)
+  methods = ax.legend(fontsize=8, loc="lower right")
+  ax.add_artist(methods)
+  ax.legend([Line2D([], [], color="k", marker=marker[a], ls="none") for a in alphas],
+            [f"α = {a:g}" for a in alphas], fontsize=8, loc="upper left", title="interpolation",
+            title_fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -191,15 +214,18 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
                for h in out["grid"]["adam"][0]["history"] if "val_acc" in h]
   diff_cols = ["comparison", "seeds", "ID diff", "ID 95% CI", "ID differs",
                "mean OOD diff", "mean OOD 95% CI", "mean OOD differs"]
+  acc = {k: "2" for k in ("val_acc", "ID test", *OOD_SETS, "mean OOD")}
+  acc |= {"‖θ−θ₀‖": "3", "ID diff": "+2", "mean OOD diff": "+2"}
   md = ["## Methods at their chosen strengths (mean ± std over seeds)\n",
-        _markdown_table(summary, ["method", "strength", "seeds", "ID test", *OOD_SETS,
-                                  "mean OOD", "‖θ−θ₀‖"]),
+        _markdown_table(_fixed(summary, acc), ["method", "strength", "seeds", "ID test",
+                                               *OOD_SETS, "mean OOD", "‖θ−θ₀‖"]),
         "\n## Paired differences (points; 95% bootstrap CI over seeds and test images)\n",
-        _markdown_table(diffs, diff_cols),
+        _markdown_table(_fixed(diffs, acc), diff_cols),
         f"\n## Strength grid (seed 0; test sets: first {n_sets['test']} images each)\n",
-        _markdown_table(grid, ["method", "strength", "val_acc", "ID test", "mean OOD", "‖θ−θ₀‖"]),
+        _markdown_table(_fixed(grid, acc),
+                        ["method", "strength", "val_acc", "ID test", "mean OOD", "‖θ−θ₀‖"]),
         f"\n## Frontier (seed 0; first {n_sets['test']} images of each test set)\n",
-        _markdown_table(fronts, ["method", "alpha", "ID test", *OOD_SETS, "mean OOD"]),
+        _markdown_table(_fixed(fronts, acc), ["method", "alpha", "ID test", *OOD_SETS, "mean OOD"]),
         "\n## Plain Adam, seed 0: ID-val accuracy during training\n",
         _markdown_table(val_curve, ["step", "val_acc"]),
         "\n## Time (s)\n",
@@ -211,6 +237,6 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
       {"summary": summary, "differences": clean, "grid": grid, "frontier": fronts,
        "val_curve": val_curve, "chosen": out["chosen"], "timing": timing}, indent=1))
   plot_sensitivity(out, n_sets, d / "study_sensitivity.png")
-  plot_frontier(out, n_sets, d / "study_frontier.png")
+  plot_frontier(out, n_sets, labels, d / "study_frontier.png")
   plot_layers(out, d / "study_layers.png")
   return {"summary": summary, "differences": clean}
