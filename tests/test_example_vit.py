@@ -249,6 +249,8 @@ def test_study_smoke_end_to_end_with_resume(tmp_path, onnx_weights):
   timing = json.loads((results / "vit_timing.json").read_text())["parts"]
   assert timing["forward/backward"] > 0 and timing["optimizer step"] > 0
   assert timing["evaluation"] > 0
+  # Parts are disjoint: "other" is what they leave of the total.
+  assert all(v >= 0 for v in timing.values()), timing
   # Finished runs leave no checkpoints, and the seed-0 weights are gone.
   assert not any((results / "checkpoints").glob("*/*"))
   assert not any((results / "runs").glob("*.npz"))

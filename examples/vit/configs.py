@@ -118,7 +118,9 @@ STUDY_PRESETS = {
         # The strength grids and the frontier (one seed, read by eye) score
         # the first 400 images of each test set; the chosen runs and every
         # further seed, which the intervals use, all 1,000. Measured at
-        # 66ecb54 with all 1,000 everywhere: 2,961 s, 43 % evaluation.
+        # 66ecb54 with all 1,000 everywhere: 2,961 s, 43 % evaluation; at
+        # efb4860 with 400: 2,079 s, 35 % (on a faster machine; ~2,500 s
+        # at 66ecb54's per-step and per-image costs).
         alphas=(0.0, 0.25, 0.5, 0.75, 1.0), side_eval=400, val_curve_every=12,
         # No mid-run checkpoints: a run is under two minutes, and --resume
         # reuses every finished one.

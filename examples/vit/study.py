@@ -282,10 +282,10 @@ class Study:
                **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
         if key in ("spd", "adam"):
           row["spd_blocks"] = spd_per_block(optimizer.opt_state)
-        if val_due:
+        self.timer.add("logging", t)
+        if val_due:   # timed as evaluation by predictions(), not twice
           row["val_acc"] = self.accuracy(self.predictions(model, ["val"])["val"], "val")
         history.append(row)
-        self.timer.add("logging", t)
       if done % cfg.checkpoint_every == 0 and done < cfg.steps:
         t = time.perf_counter()
         ckpt = Checkpointer(ckpt_dir)
