@@ -64,13 +64,11 @@ def summary_rows(out) -> list[dict]:
   return rows
 
 
-def _fixed(rows, decimals) -> list[dict]:
-  """Rows with their float columns at a fixed number of decimals, so the
-  markdown tables can go into the docs as they are."""
-  fmt = lambda c, v: (f"{v:+.{decimals[c][1:]}f}" if decimals[c].startswith("+")
-                      else f"{v:.{decimals[c]}f}")
-  return [{c: fmt(c, v) if c in decimals and isinstance(v, float) else v for c, v in r.items()}
-          for r in rows]
+def _fixed(rows, specs) -> list[dict]:
+  """Rows with their float columns formatted by column (a format spec such
+  as ".2f"), so the markdown tables can go into the docs as they are."""
+  return [{c: format(v, specs[c]) if c in specs and isinstance(v, float) else v
+           for c, v in r.items()} for r in rows]
 
 
 def grid_point(run) -> dict:
@@ -214,8 +212,8 @@ def write(results_dir, out, labels, cfg, timing) -> dict:
                for h in out["grid"]["adam"][0]["history"] if "val_acc" in h]
   diff_cols = ["comparison", "seeds", "ID diff", "ID 95% CI", "ID differs",
                "mean OOD diff", "mean OOD 95% CI", "mean OOD differs"]
-  acc = {k: "2" for k in ("val_acc", "ID test", *OOD_SETS, "mean OOD")}
-  acc |= {"‖θ−θ₀‖": "3", "ID diff": "+2", "mean OOD diff": "+2"}
+  acc = {k: ".2f" for k in ("val_acc", "ID test", *OOD_SETS, "mean OOD")}
+  acc |= {"‖θ−θ₀‖": ".3f", "ID diff": "+.2f", "mean OOD diff": "+.2f"}
   md = ["## Methods at their chosen strengths (mean ± std over seeds)\n",
         _markdown_table(_fixed(summary, acc), ["method", "strength", "seeds", "ID test",
                                                *OOD_SETS, "mean OOD", "‖θ−θ₀‖"]),
