@@ -116,3 +116,31 @@ def project(g, p, a, u, lam, axes):
                      (tilde - scale_b * away - p_acc).astype(u.dtype), u)
   deviation = jnp.abs(1 - scale) * norm_new
   return update, condition, ratio, deviation
+
+
+def anchor_to_device(anchor, after=None):
+  """One leaf's host anchor in device memory, held back until `after` exists.
+
+  Moving every leaf's anchor in at the start of a step keeps all of them
+  on the device together, which raises the device peak above keeping the
+  anchor there (XLA:TPU's memory analysis, benchmarks/NOTES.md). Called
+  per leaf with the previous leaf's result as `after`, the moved copy is
+  tied to that result by `lax.optimization_barrier`, so XLA cannot start
+  the leaf's work (and hold its anchor) before the previous leaf is done.
+  The values are exactly `anchor`'s.
+
+  Args:
+    anchor: one leaf of the anchor, in host memory (or device memory: the
+      move is then a no-op); None (the zero anchor) and `optax.MaskedNode`
+      pass through.
+    after: an array or tree to wait for, e.g. the previous leaf's update;
+      None for the first leaf.
+  """
+  if anchor is None or not hasattr(anchor, "shape"):
+    return anchor
+  anchor = jax.device_put(anchor, jax.memory.Space.Device)
+  if after is not None:
+    # The barrier on the moved copy, not on the host value: XLA's host
+    # offloading moves a barrier's host operands to the device first.
+    anchor, _ = lax.optimization_barrier((anchor, after))
+  return anchor
