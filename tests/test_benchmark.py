@@ -40,15 +40,17 @@ def test_bench_records_xla_words_and_fusions_in_bfloat16():
 
 def test_steps_per_call_runs_the_same_steps_in_one_jit():
   import jax
+  import jax.numpy as jnp
   import spd_optax
   shapes = {"w": (8, 4), "b": (4,)}
   tx = spd_optax.adam_spd(1e-2, weight_decay=1.0)
   params, grads = bench.random_tree(shapes, 0), bench.random_tree(shapes, 1)
   one, three = bench.make_step(tx), bench.make_step(tx, steps_per_call=3)
-  p1, s1 = params, tx.init(params)
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # the steps donate their inputs
+  p1, s1 = copy(params), tx.init(params)
   for _ in range(3):
     p1, s1 = one(p1, s1, grads)
-  p3, s3 = three(params, tx.init(params), grads)
+  p3, s3 = three(copy(params), tx.init(params), grads)
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p3, s3))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
