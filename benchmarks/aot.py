@@ -26,8 +26,9 @@ computation of the optimized HLO:
 - arrays in and out of the entry computation, per leaf;
 - XLA:TPU's estimated cycles: the sum of ``estimated_cycles`` over the
   entry computation (TPU only);
-- peak device memory: arguments + outputs - aliased + temporaries, from
-  ``memory_analysis()``, per device.
+- peak device memory per device: ``memory_analysis()``'s
+  ``peak_memory_in_bytes`` where it has one (XLA:TPU, XLA:GPU), else
+  arguments + outputs - aliased + temporaries.
 
 "naive SPD" is optax.adam plus SPD written per leaf as the reference writes
 it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
@@ -83,12 +84,28 @@ def llama_blocks(n: int = 2) -> dict[str, tuple[int, ...]]:
           if (m := re.match(r"layer(\d+)/", k)) and int(m[1]) < n}
 
 
+def vit_blocks(n: int = 2) -> dict[str, tuple[int, ...]]:
+  """`n` blocks of ViT-B/16 (d 768, MLP 3072): qkv, proj, fc1, fc2 with
+  their biases and the two layer norms, 12 leaves per block."""
+  full = optimizer_step.vit_b16_shapes()
+  return {k: s for k, s in full.items()
+          if (m := re.match(r"block(\d+)/", k)) and int(m[1]) < n}
+
+
+# Two blocks of each model (and the same two stacked): every leaf shape of
+# the models' blocks, at a fraction of the compile time. The whole models
+# are there too, for a target that compiles fast.
 SETS = {
-    "vit_b16": (optimizer_step.vit_b16_shapes, False),
-    "vit_b16_stacked": (optimizer_step.vit_b16_shapes, True),
+    "vit_block": (vit_blocks, False),
+    "vit_block_stacked": (vit_blocks, True),
     "llama_block": (llama_blocks, False),
     "llama_block_stacked": (llama_blocks, True),
+    "vit_b16": (optimizer_step.vit_b16_shapes, False),
+    "vit_b16_stacked": (optimizer_step.vit_b16_shapes, True),
+    "llama_1b": (optimizer_step.llama_1b_shapes, False),
+    "llama_1b_stacked": (optimizer_step.llama_1b_shapes, True),
 }
+DEFAULT_SETS = ["vit_block", "vit_block_stacked", "llama_block", "llama_block_stacked"]
 
 
 def set_shapes(name):
@@ -194,10 +211,24 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True):
 
 
 # --------------------------------------------------------------------------
-# Candidate formulations of the projection, compiled in place of the
-# library's: each is a replacement for `projection._sums`, if it has one.
+# Candidate formulations, compiled in place of the library's: each names the
+# attributes of spd_optax.projection it replaces (benchmarks/NOTES.md).
 
-CANDIDATES: dict[str, dict] = {}
+
+def _sums_two_stage(g, d, u, axes):
+  """The sums over all but the last reduced axis first, then the last."""
+  if len(axes) < 2:
+    return projection._sums_plain(g, d, u, axes)
+  first, last = axes[:-1], axes[-1] - len(axes[:-1])
+  part = lambda x: jax.lax.optimization_barrier(jnp.sum(x, axis=first))
+  return tuple(jnp.sum(part(x), axis=last) for x in (g * d, d * d, u * (2 * d + u)))
+
+
+CANDIDATES: dict[str, dict] = {
+    # v0.1's one variadic reduction of four sums, on every backend.
+    "variadic": {"_sums": lambda g, d, u, axes: projection._sums_cpu(g, d, u, axes)},
+    "two-stage sums": {"_sums": _sums_two_stage},
+}
 
 
 @contextlib.contextmanager
@@ -422,6 +453,7 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
   leaf_elements = [int(np.prod(p.sharding.shard_shape(p.shape))) for p in params.values()]
   out = hlo_counts(text, leaf_elements, jnp.dtype(dtype).itemsize)
   out |= memory(compiled)
+  out["state_arrays"] = len(jax.tree.leaves(state))
   out["compile_s"] = round(seconds, 1)
   return out
 
@@ -503,7 +535,7 @@ def plan(target_kind, sets):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--target", choices=["tpu", "gpu"], required=True)
-  parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+  parser.add_argument("--sets", nargs="+", choices=SETS, default=DEFAULT_SETS)
   parser.add_argument("--optimizers", nargs="+", default=None,
                       help="compile only these (default: all)")
   parser.add_argument("--candidates", nargs="*", default=[], choices=list(CANDIDATES))
