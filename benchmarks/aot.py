@@ -552,7 +552,8 @@ def main(argv=None):
   commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
   results = {"note": DISCLAIMER, "kind": "compile-only", "target": args.target,
              "jax": jax.__version__, "python": platform.python_version(),
-             "commit": commit, "dtype": args.dtype, "targets": {}}
+             "commit": commit, "library": str(pathlib.Path(spd_optax.__file__).parent),
+             "dtype": args.dtype, "targets": {}}
   print(f"Compile-only, {args.target}: {DISCLAIMER}. jax {jax.__version__}, {args.dtype}.")
   for target, sets in plan(args.target, args.sets):
     for s in sets:
