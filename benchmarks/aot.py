@@ -15,8 +15,10 @@ Each optimizer is compiled as one donated ``params, state = step(params,
 grads, state)``. Per set and optimizer it reports, from the entry
 computation of the optimized HLO:
 
-- fusions per leaf (``fusion`` instructions), and kernels per leaf (fusions,
-  copies, custom calls, collectives and unfused compute);
+- fusions per leaf (``fusion`` instructions; "large" ones touch arrays of
+  more than 64 elements, the rest compute per-layer values), and kernels per
+  leaf (fusions, copies, custom calls, collectives and unfused compute on
+  arrays, not the scalar unit's work);
 - words per parameter: each kernel's distinct operands plus its outputs, in
   bytes, over (parameters per device × the params' itemsize). Memory-space
   prefetches (TPU VMEM) and host transfers are not kernels and are reported
@@ -68,7 +70,9 @@ from spd_optax import projection  # noqa: E402
 
 DISCLAIMER = ("compiler counts and estimates from compile-only builds, not "
               "timings: nothing ran on an accelerator")
-TARGETS_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "targets"
+# The H100/H200 target descriptions (../shared/targets from the checkout).
+TARGETS_DIR = pathlib.Path(os.environ.get(
+    "AOT_TARGETS_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "targets"))
 
 # --------------------------------------------------------------------------
 # Parameter sets
@@ -353,10 +357,11 @@ def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
     if ins.op == "copy" and 5 in (space(ins.operands[0]), arrays(ins.type)[0][2]):
       host_bytes += nbytes(ins.type)
       continue
-    if max(sizes, default=0) <= 64:  # scalar work: step counts, per-layer ratios
+    small = max(sizes, default=0) <= 64  # per-leaf or per-layer values, step counts
+    if small and ins.op != "fusion":  # unfused scalar work (the TPU's scalar unit)
       kinds["scalar ops"] += 1
       continue
-    kinds[ins.op] += 1
+    kinds["small fusion" if small else ins.op] += 1
     words_bytes += sum(nbytes(o.type) for o in operands) + nbytes(ins.type)
     if ins.op == "copy" and arrays(ins.type)[0][0] >= big:
       copies.append(arrays(ins.type)[0][0])
@@ -366,7 +371,8 @@ def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
   leaves = len(leaf_elements)
   n = sum(leaf_elements)
   return {
-      "fusions_per_leaf": kinds["fusion"] / leaves,
+      "fusions_per_leaf": (kinds["fusion"] + kinds["small fusion"]) / leaves,
+      "large_fusions_per_leaf": kinds["fusion"] / leaves,
       "kernels_per_leaf": (sum(kinds.values()) - kinds["scalar ops"]) / leaves,
       "kernels": dict(kinds),
       "words_per_param": words_bytes / (n * itemsize),
@@ -455,6 +461,7 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
   out = hlo_counts(text, leaf_elements, jnp.dtype(dtype).itemsize)
   out |= memory(compiled)
   out["state_arrays"] = len(jax.tree.leaves(state))
+  out["largest_leaf_bytes"] = max(leaf_elements) * jnp.dtype(dtype).itemsize
   out["compile_s"] = round(seconds, 1)
   return out
 
@@ -537,7 +544,9 @@ def plan(target_kind, sets):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--target", choices=["tpu", "gpu"], required=True)
+  parser.add_argument("--target", choices=["tpu", "gpu"])
+  parser.add_argument("--show", nargs="+", default=None, metavar="JSON",
+                      help="print the tables of results written before, and exit")
   parser.add_argument("--sets", nargs="+", choices=SETS, default=DEFAULT_SETS)
   parser.add_argument("--optimizers", nargs="+", default=None,
                       help="compile only these (default: all)")
@@ -547,6 +556,13 @@ def main(argv=None):
                       help="default: benchmarks/results/aot_<target>.json")
   parser.add_argument("--hlo-dir", default=None)
   args = parser.parse_args(argv)
+  if args.show:
+    for path in args.show:
+      r = json.loads(pathlib.Path(path).read_text())
+      print(f"{path} (commit {r['commit']}, jax {r['jax']}):\n{table(r)}\n")
+    return
+  if args.target is None:
+    parser.error("--target is required")
   hlo_dir = None if args.hlo_dir is None else pathlib.Path(args.hlo_dir)
   if hlo_dir is not None:
     hlo_dir.mkdir(parents=True, exist_ok=True)

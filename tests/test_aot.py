@@ -35,7 +35,11 @@ def test_adam_spd_is_two_passes_without_copies(v5e, layout):
   shapes, layer_axes = sets()[layout]
   r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
                   layer_axes, v5e, jnp.float32)
-  assert r["fusions_per_leaf"] <= 2, r["kernels"]
+  # Two passes over the leaf. A stacked leaf's per-layer values ([L]-shaped:
+  # condition, ratio, deviation) take up to three small fusions more on
+  # XLA:TPU; a single layer's are scalar work.
+  assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
+  assert r["fusions_per_leaf"] <= (2 if layout == "unstacked" else 5), r["kernels"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   # Pass 1 reads g, θ, θ_0, m, v and writes m, v; pass 2 reads θ, θ_0, m, v
   # (or u) and writes θ: 12 words, the floor for an update that
