@@ -342,16 +342,19 @@ def selective_projection_decay(
     if anchor_on_host:
       _warn_if_anchor_on_device(paths, anchors_l)
 
-    out_u, columns = [], []
+    out_u, columns, previous = [], [], None
     for path, g, p, a, u, ax, shape in zip(paths, grads_l, params_l, anchors_l,
                                            proposed_l, axes_l, layout.shapes):
       if shape is None:
         out_u.append(u)
         continue
       if anchor_on_host:
-        a = jax.device_put(a, jax.memory.Space.Device)
+        # Leaf by leaf, after the previous leaf's update: only a leaf or two
+        # of the anchor is in device memory at a time.
+        a = projection.anchor_to_device(a, after=previous)
       reduce_over = _manual_axes(path, (g, p, a, u), axis_name)
       u, *values = projection.project(g, p, a, u, lam, ax, reduce_over)
+      previous = u
       out_u.append(u)
       columns.append(values)
     new_state = SPDState(
