@@ -63,7 +63,7 @@ def _sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def project(g, p, a, u, lam, axes):
+def project(g, p, a, u, lam, axes, psum_axes=()):
   r"""SPD for one leaf whose layers index `axes`.
 
   With $d = \theta_{t-1} - \theta_0$ and $s = \langle u, 2d + u\rangle$
@@ -83,12 +83,16 @@ def project(g, p, a, u, lam, axes):
   Returns (update, condition, ratio, deviation), the last three of the
   shape of those axes; ``update`` is $\theta_t - \theta_{t-1}$ for
   `optax.apply_updates`, and exactly ``u`` on layers SPD leaves alone.
+  Inside `jax.shard_map`, the per-layer sums are added over `psum_axes`.
   """
   acc = acc_dtype(p.dtype)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
   p_acc, u_acc = p.astype(acc), u.astype(acc)
   d = p_acc if a is None else p_acc - a.astype(acc)  # θ_{t-1} - θ_0
-  gd, dd, s = _sums(g.astype(acc), d, u_acc, reduced)
+  sums = _sums(g.astype(acc), d, u_acc, reduced)
+  if psum_axes:  # inside shard_map, each device summed its part of the leaf
+    sums = lax.psum(sums, psum_axes)
+  gd, dd, s = sums
   condition = -gd
   norm_prev = _sqrt(dd)
   norm_new = _sqrt(dd + s)  # ‖θ̃_t - θ_0‖
