@@ -35,11 +35,13 @@ def test_adam_spd_is_two_passes_without_copies(v5e, layout):
   shapes, layer_axes = sets()[layout]
   r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
                   layer_axes, v5e, jnp.float32)
-  # Two passes over the leaf. A stacked leaf's per-layer values ([L]-shaped:
-  # condition, ratio, deviation) take up to three small fusions more on
-  # XLA:TPU; a single layer's are scalar work.
+  # Two passes over the leaf's data. The per-layer values (condition, ratio,
+  # deviation, written into the state's packed array) take small fusions
+  # besides: one per leaf, 10 per 3 stacked leaves, as compiled at the merge
+  # of main's packed state (benchmarks/NOTES.md). Fewer is better.
   assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
-  assert r["fusions_per_leaf"] <= (2 if layout == "unstacked" else 5), r["kernels"]
+  small = r["fusions_per_leaf"] - r["large_fusions_per_leaf"]
+  assert small <= (1 if layout == "unstacked" else 10 / 3) + 1e-9, r["kernels"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   # Pass 1 reads g, θ, θ_0, m, v and writes m, v; pass 2 reads θ, θ_0, m, v
   # (or u) and writes θ: 12 words, the floor for an update that
