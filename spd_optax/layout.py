@@ -90,16 +90,20 @@ def like_params(x, params_l):
 def pack(columns: list, old) -> jax.Array:
   """The per-leaf ``(condition, ratio, deviation)`` arrays as one array of
   the type of `old` (the state's packed array before the step)."""
-  pieces = [jnp.stack([jnp.ravel(v).astype(old.dtype) for v in col])
-            for col in columns]
-  if explicit_mesh(old) is not None:
-    # Sums over a leaf sharded along its layer axis come out sharded; a
-    # type that changed across `update` breaks lax.scan carries, cond
-    # branches and the jit cache.
-    pieces = [_replicated(x, old) for x in pieces]
-  if not pieces:
+  if not columns:
     return old
-  return jnp.concatenate(pieces, axis=1)
+  rows = []
+  for values in zip(*columns):
+    pieces = [jnp.ravel(v).astype(old.dtype) for v in values]
+    if explicit_mesh(old) is not None:
+      # Sums over a leaf sharded along its layer axis come out sharded; a
+      # type that changed across `update` breaks lax.scan carries, cond
+      # branches and the jit cache.
+      pieces = [_replicated(x, old) for x in pieces]
+    rows.append(jnp.concatenate(pieces))
+  # Row by row, not leaf by leaf: XLA:TPU then forms every leaf's values in
+  # one small fusion rather than one per leaf.
+  return jnp.stack(rows)
 
 
 def _replicated(x, like, constant=False):
