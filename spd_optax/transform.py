@@ -269,6 +269,12 @@ def selective_projection_decay(
   check_non_negative("weight_decay", weight_decay)
   anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
   layers.check_layer_axes(layer_axes)
+  if anchor_on_host and not _host_memory_works():
+    warnings.warn(
+        "anchor_on_host=True has no effect here: XLA:CPU before jax 0.10.2 "
+        "has no pinned_host memory, so the anchor stays in device memory (and "
+        "a sharded jit meant to put it in pinned_host fails to compile). "
+        "Upgrade jax, or leave anchor_on_host off on CPU.", stacklevel=2)
   if axis_name is not None and not (isinstance(axis_name, str) or (
       isinstance(axis_name, tuple) and all(isinstance(n, str) for n in axis_name))):
     raise TypeError(f"axis_name must be a mesh axis name, a tuple of them, or "
@@ -448,6 +454,13 @@ def _manual_axes(path, arrays, axis_name) -> tuple[str, ...]:
         "device's part only. Add them to axis_name.")
   # Invariant values need no sum (psum would count them once per device).
   return tuple(n for n in names if n in varying or not checked)
+
+
+def _host_memory_works() -> bool:
+  # The version first: asking for the backend initialises it, which must
+  # not happen before jax.distributed.initialize.
+  version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+  return version >= (0, 10, 2) or jax.default_backend() != "cpu"
 
 
 def _tracks_varying_axes() -> bool:

@@ -31,7 +31,7 @@ def main(process_id: int, num_processes: int, port: int, out: str,
   )
   import numpy as np
   from jax.experimental import multihost_utils
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
   import spd_optax
   from spd_optax import checkpoint as spd_ckpt
@@ -41,7 +41,8 @@ def main(process_id: int, num_processes: int, port: int, out: str,
 
   assert jax.process_count() == num_processes
   assert jax.local_device_count() == 2 and jax.device_count() == 2 * num_processes
-  mesh = jax.make_mesh((2, jax.device_count() // 2), ("data", "model"))
+  mesh = jax.make_mesh((2, jax.device_count() // 2), ("data", "model"),
+                       axis_types=(AxisType.Explicit,) * 2)
   psh = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
 
   def global_arrays(host_tree):
@@ -62,7 +63,7 @@ def main(process_id: int, num_processes: int, port: int, out: str,
   # resumes on another global mesh: (4,) 'fsdp' over the same devices.
   spd_ckpt.save(ckpt_dir, SAVE_AT, params, state)
   del params, state
-  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+  mesh = jax.make_mesh((jax.device_count(),), ("fsdp",), axis_types=(AxisType.Explicit,))
   psh = {k: NamedSharding(mesh, P("fsdp") if v.ndim and v.shape[0] % 4 == 0 else P())
          for k, v in host_params().items()}
   abstract_params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=psh[k])

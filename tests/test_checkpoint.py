@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import spd_optax
 from spd_optax import checkpoint as spd_ckpt
@@ -87,7 +87,8 @@ def _uninterrupted(anchor="params", on_host=False):
 
 @pytest.mark.parametrize("anchor, saver", [
     ("params", "orbax"), ("params", "spd_optax.checkpoint"),
-    ("zeros", "orbax"), ("params_on_host", "spd_optax.checkpoint")])
+    ("zeros", "orbax"),
+    pytest.param("params_on_host", "spd_optax.checkpoint", marks=pytest.mark.needs_host_memory)])
 def test_resume_is_bit_exact(tmp_path, saver, anchor):
   save, restore = SAVERS[saver]
   on_host = anchor == "params_on_host"
@@ -134,7 +135,7 @@ def test_restore_onto_another_mesh(tmp_path, saver):
   save(tmp_path / "ckpt", SAVE_AT, params, state)
 
   # 8 devices as (8,): FSDP only, first dimension sharded where it divides.
-  mesh8 = jax.make_mesh((8,), ("fsdp",))
+  mesh8 = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
   psh8 = {k: NamedSharding(mesh8, P("fsdp") if v.ndim and v.shape[0] % 8 == 0 else P())
           for k, v in host_params().items()}
   params8, state8 = restore(tmp_path / "ckpt", *_targets(tx, mesh8, psh8))

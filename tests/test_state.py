@@ -121,6 +121,7 @@ def test_bfloat16_anchor_halves_its_memory():
   assert _nbytes(half.anchor) * 2 == _nbytes(full.anchor)
 
 
+@pytest.mark.needs_host_memory
 def test_anchor_on_host():
   params = _params()
   tx = spd_optax.adam_spd(0.05, anchor_on_host=True)
