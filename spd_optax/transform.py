@@ -73,6 +73,56 @@ def check_non_negative(name: str, value) -> None:
     raise ValueError(f"{name} must be >= 0 and not NaN, got {value}.")
 
 
+NORMS = ("frobenius", "rows_l1")
+
+
+def is_per_leaf(weight_decay) -> bool:
+  """Whether `weight_decay` gives λ per leaf (a tree like params or a prefix
+  of it, or an array of the layers' shape) rather than one for all."""
+  if callable(weight_decay) or isinstance(weight_decay, jax.core.Tracer):
+    return False
+  if isinstance(weight_decay, (jax.Array, np.ndarray)):
+    return np.ndim(weight_decay) > 0
+  return not jax.tree_util.treedef_is_leaf(jax.tree.structure(weight_decay))
+
+
+def _is_strength_entry(x) -> bool:
+  # None would vanish from a tree's leaves (and read as a missing entry):
+  # kept as an entry, so that the error names it.
+  return x is None or callable(x) or isinstance(x, (jax.Array, np.ndarray))
+
+
+def _strength_entries(weight_decay, params) -> list:
+  return trees.broadcast_prefix(weight_decay, params, "weight_decay",
+                                _is_strength_entry)
+
+
+def check_strengths(weight_decay, params, flags, shapes) -> None:
+  """Raises for an entry of a per-leaf `weight_decay` that can never be a
+  strength of its leaf: not a number, NaN, negative, or an array that is not
+  of the leaf's per-layer shape. Schedules and traced values pass."""
+  entries = _strength_entries(weight_decay, params)
+  for path, entry, on, shape in zip(trees.leaf_paths(params), entries, flags, shapes):
+    if not on or callable(entry):
+      continue
+    what = (f"weight_decay for params{path} must be a float >= 0, a schedule, "
+            f"or an array of its per-layer shape {shape}")
+    if entry is None or _is_bool(entry) or isinstance(entry, (bool, str, bytes)):
+      raise TypeError(f"{what}; got {entry!r}.")
+    if np.shape(entry) not in ((), shape):
+      raise ValueError(f"{what} (from layer_axes); got shape {np.shape(entry)}.")
+    if isinstance(entry, jax.core.Tracer):
+      continue
+    try:
+      value = np.asarray(entry)
+    except (TypeError, ValueError):
+      raise TypeError(f"{what}; got {entry!r}.") from None
+    if value.dtype.kind not in "iuf":
+      raise TypeError(f"{what}; got {entry!r} (dtype {value.dtype}).")
+    if np.any(np.isnan(value)) or np.any(value < 0):
+      raise ValueError(f"{what}, not negative or NaN; got {value}.")
+
+
 def check_float_dtype(name: str, dtype) -> Any:
   """`dtype` as a floating dtype (or None); raises at build time otherwise."""
   if dtype is None:
@@ -161,7 +211,7 @@ def _flatten_as(treedef, tree, what: str, given, made_for) -> list:
 
 def selective_projection_decay(
     inner: optax.GradientTransformation,
-    weight_decay: float | optax.Schedule = 1.0,
+    weight_decay: float | optax.Schedule | Any = 1.0,
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
@@ -169,6 +219,7 @@ def selective_projection_decay(
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     axis_name: str | tuple[str, ...] | None = None,
+    norm: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
@@ -266,7 +317,15 @@ def selective_projection_decay(
   if anchor not in ANCHORS:
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
                      "any other anchor use spd_optax.set_anchor after init.")
-  check_non_negative("weight_decay", weight_decay)
+  per_leaf = is_per_leaf(weight_decay)
+  if weight_decay is None or isinstance(weight_decay, (str, bytes)):
+    raise TypeError("weight_decay must be a float >= 0, a schedule, or a tree "
+                    f"of those like params; got {weight_decay!r}.")
+  if not per_leaf:
+    check_non_negative("weight_decay", weight_decay)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  project = projection.project if norm == "frobenius" else projection.project_rows
   anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
   layers.check_layer_axes(layer_axes)
   if axis_name is not None and not (isinstance(axis_name, str) or (
@@ -283,6 +342,9 @@ def selective_projection_decay(
     _check_floating(params, flags)
     axes = layers.resolve(layer_axes, params)
     leaves, treedef = jax.tree.flatten(params)
+    if per_leaf:
+      check_strengths(weight_decay, params, flags,
+                      [tuple(np.shape(p)[i] for i in ax) for p, ax in zip(leaves, axes)])
     anchors = None
     if anchor == "params":
       anchors = treedef.unflatten([
@@ -331,8 +393,13 @@ def selective_projection_decay(
 
     proposed, inner_state = inner.update(updates, state.inner_state, params,
                                          **extra_args)
-    lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
-    lam = jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
+    if per_leaf:
+      # Python-level, at trace time: the tree costs no op of its own.
+      lams = [None if shape is None else _strength(e, state.count) for e, shape
+              in zip(_strength_entries(weight_decay, params), layout.shapes)]
+    else:
+      lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
+      lams = [jnp.maximum(jnp.asarray(lam), 0)] * len(params_l)  # NaN stays NaN
     proposed_l = treedef.flatten_up_to(proposed)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
@@ -343,8 +410,8 @@ def selective_projection_decay(
       _warn_if_anchor_on_device(paths, anchors_l)
 
     out_u, columns, previous = [], [], None
-    for path, g, p, a, u, ax, shape in zip(paths, grads_l, params_l, anchors_l,
-                                           proposed_l, axes_l, layout.shapes):
+    for path, g, p, a, u, ax, shape, lam in zip(paths, grads_l, params_l, anchors_l,
+                                                proposed_l, axes_l, layout.shapes, lams):
       if shape is None:
         out_u.append(u)
         continue
@@ -353,7 +420,7 @@ def selective_projection_decay(
         # of the anchor is in device memory at a time.
         a = projection.anchor_to_device(a, after=previous)
       reduce_over = _manual_axes(path, (g, p, a, u), axis_name)
-      u, *values = projection.project(g, p, a, u, lam, ax, reduce_over)
+      u, *values = project(g, p, a, u, lam, ax, reduce_over)
       previous = u
       out_u.append(u)
       columns.append(values)
@@ -369,6 +436,11 @@ def selective_projection_decay(
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _strength(entry, count):
+  lam = entry(count) if callable(entry) else entry
+  return jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
 
 
 def _check_same_leaves(layout, params) -> None:
@@ -481,7 +553,7 @@ def adam_spd(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float | optax.Schedule = 1.0,
+    weight_decay: float | optax.Schedule | Any = 1.0,
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
@@ -490,6 +562,7 @@ def adam_spd(
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
     axis_name: str | tuple[str, ...] | None = None,
+    norm: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
@@ -539,4 +612,4 @@ def adam_spd(
                                     layer_axes=layer_axes,
                                     anchor_dtype=anchor_dtype,
                                     anchor_on_host=anchor_on_host,
-                                    axis_name=axis_name)
+                                    axis_name=axis_name, norm=norm)
