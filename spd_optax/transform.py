@@ -54,7 +54,9 @@ class SPDState(NamedTuple):
   @property
   def ratio(self):
     """Per layer, the r_t applied at the last step: 0 wherever no decay was
-    applied (c_t >= 0, nothing moved away, or λ = 0)."""
+    applied (c_t >= 0, nothing moved away, or λ = 0). With
+    ``norm="rows_l1"``, the mean over the layer's rows of the applied
+    per-row ratios."""
     return self.layout.unpack(self.per_layer, 1)
 
   @property
@@ -241,7 +243,9 @@ def selective_projection_decay(
   Decay acts only on layers where moving further from the anchor no longer
   lowers the loss ($c_t < 0$), and only by as much as the step moved away
   from it. $\lambda$ is not multiplied by the learning rate. Norms are
-  Frobenius norms over the layer, accumulated in at least float32.
+  Frobenius norms over the layer, accumulated in at least float32 (or, with
+  ``norm="rows_l1"``, L1 norms per row). $\lambda$ is one value, or one per
+  leaf or layer (a ``weight_decay`` tree).
 
   SPD acts on the update the inner optimizer returns. Around optimizers
   that keep a second sequence of iterates (e.g. `optax.contrib.schedule_free`,
@@ -263,7 +267,19 @@ def selective_projection_decay(
     weight_decay: λ >= 0, a float or an `optax` schedule of the step count.
       A concrete negative or NaN value is refused; a traced or scheduled
       value cannot be checked: negative values act as 0, NaN makes the
-      updates NaN.
+      updates NaN. Or λ per leaf: a tree like params or a prefix of it
+      (matched by key path, so a plain dict fits an `nnx.State`), whose
+      entries are floats, schedules, or, for a leaf stacking layers, arrays
+      of its per-layer shape (the shape of its ``layer_axes``, e.g.
+      ``λ_max * (1 - jnp.arange(L) / L)``); `spd_optax.depth_scaled` builds
+      the depth-decreasing one. An array (not a tree) of the per-layer shape
+      applies to every SPD leaf. Per-leaf λ is from the authors' later code
+      (MAPS, module-wise proximity scheduling), not the NeurIPS paper, which
+      has one λ. A bad entry (negative, NaN, not a number, an array of
+      another shape) is refused at ``init``, naming the leaf. Under
+      `optax.inject_hyperparams` a tree is passed through unchanged (not
+      injectable; its schedules run on SPD's step count); a scalar, or one
+      per-layer array, is injectable.
     anchor: ``"params"`` copies the params given to ``init`` (full
       fine-tuning); ``"zeros"`` uses θ_0 = 0 and stores nothing (LoRA and
       other adapters). To anchor elsewhere, see `spd_optax.set_anchor`.
@@ -299,14 +315,29 @@ def selective_projection_decay(
       norms are those of the whole layer. A leaf that varies over a manual
       axis not named here is refused, never decayed per shard. Not needed
       under `jax.jit`, where sharding is the compiler's.
+    norm: the norm in the ratio $r_t$. ``"frobenius"`` (the default, the
+      paper's and ``AdamSPD``'s): of the whole layer. ``"rows_l1"``: the
+      authors' later ``norm_type="mars"`` (their ``AdamH`` / MAPS code, not
+      the NeurIPS paper): per row $i$ of each layer (its first axis that is
+      not a layer axis), $\|x\|_i = \sum_j |x_{ij}| + 10^{-8}$ over the row's
+      other axes, so $r_{t,i}$ is one value per row,
+      $r_{t,i} = \operatorname{clip}((\|\tilde\theta_t - \theta_0\|_i
+      - \|\theta_{t-1} - \theta_0\|_i) / \|\tilde\theta_t - \theta_0\|_i, 0, 1)$,
+      and each row is pulled back by its own ratio; $c_t$ stays one value per
+      layer. A layer of fewer than two axes is one row. The state's ratio is
+      then the mean over each layer's rows of the applied $r_{t,i}$. Not
+      supported inside `jax.shard_map` with ``axis_name``. Flax ``Dense``
+      kernels are ``[in, out]``: their rows are input rows, where PyTorch's
+      ``[out, in]`` weights have output rows.
 
   Returns:
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
 
   Raises:
     ValueError, TypeError: at construction for a bad ``anchor``,
-      ``weight_decay``, ``anchor_dtype`` or ``layer_axes``; at ``init`` for a
-      mask or ``layer_axes`` that does not fit params (naming the leaf), or a
+      ``weight_decay``, ``anchor_dtype``, ``layer_axes`` or ``norm``; at
+      ``init`` for a mask, ``layer_axes`` or ``weight_decay`` tree that does
+      not fit params or has a bad entry (naming the leaf), or a
       non-floating leaf SPD would act on; at ``update`` for params whose
       structure differs from those given to ``init``.
 
@@ -585,7 +616,8 @@ def adam_spd(
     b1: decay rate of Adam's first moment.
     b2: decay rate of Adam's second moment.
     eps: term added to Adam's denominator.
-    weight_decay: SPD's strength λ >= 0 (a float or a schedule).
+    weight_decay: SPD's strength λ >= 0: a float, a schedule, or per leaf
+      (a tree, see `selective_projection_decay`; `spd_optax.depth_scaled`).
     anchor: ``"params"`` or ``"zeros"``, as in `selective_projection_decay`.
     mask: leaves SPD acts on, as in `selective_projection_decay`.
     layer_axes: the axes of stacked leaves that index layers, as in
@@ -597,6 +629,8 @@ def adam_spd(
       `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
     axis_name: inside `jax.shard_map`, the manual axes params are split
       over, as in `selective_projection_decay`.
+    norm: ``"frobenius"`` or ``"rows_l1"`` (the authors' later "mars"
+      row-wise norms), as in `selective_projection_decay`.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
