@@ -5,6 +5,7 @@ from spd_optax.layers import layer_axes_from_names
 from spd_optax.sharding import state_shardings
 from spd_optax.state import set_anchor
 from spd_optax.state import spd_stats
+from spd_optax.strength import depth_scaled
 from spd_optax.transform import adam_spd
 from spd_optax.transform import selective_projection_decay
 from spd_optax.transform import SPDState
@@ -15,6 +16,7 @@ __all__ = [
     "SPDState",
     "adam",
     "adam_spd",
+    "depth_scaled",
     "layer_axes_from_names",
     "selective_projection_decay",
     "set_anchor",

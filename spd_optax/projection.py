@@ -148,3 +148,100 @@ def anchor_to_device(anchor, after=None):
     # offloading moves a barrier's host operands to the device first.
     anchor, _ = lax.optimization_barrier((anchor, after))
   return anchor
+
+
+# Added to every row's L1 norm, as the authors' "mars" norm adds it: it keeps
+# the ratio's denominator positive, so a row that has not moved gets r = 0.
+ROW_NORM_EPS = 1e-8
+
+
+def row_axes(ndim: int, axes) -> tuple[int | None, tuple[int, ...]]:
+  """(row axis, axes summed within a row) of a leaf whose layers index `axes`.
+
+  A layer's rows lie along its first axis, as in the authors' norm (axis 0
+  of the tensor they are given). For a leaf stacking layers, that is the
+  first axis that is not a layer axis, so a stacked leaf ``[L, rows, ...]``
+  has, per layer, the rows the unstacked leaf ``[rows, ...]`` has. A layer of
+  fewer than two axes (a bias, a scale) is one row: their norm sums over
+  ``dim=tuple(range(1, ndim))``, which PyTorch takes for every axis when it
+  is empty.
+  """
+  rest = tuple(i for i in range(ndim) if i not in axes)
+  if len(rest) < 2:
+    return None, rest
+  return rest[0], rest[1:]
+
+
+def _row_sums_cpu(g, d, u, within):
+  new = jnp.abs(d + u)
+  return _variadic_sums((g * d, new, new - jnp.abs(d), jnp.square(d + u)), within)
+
+
+def _row_sums_plain(g, d, u, within):
+  new = jnp.abs(d + u)
+  return (jnp.sum(g * d, axis=within), jnp.sum(new, axis=within),
+          jnp.sum(new - jnp.abs(d), axis=within), jnp.sum(jnp.square(d + u), axis=within))
+
+
+def project_rows(g, p, a, u, lam, axes, psum_axes=()):
+  r"""SPD for one leaf with the authors' row-wise ("mars") norms.
+
+  With $d = \theta_{t-1} - \theta_0$, per layer, and per row $i$ of the
+  layer (its first axis, `row_axes`), $\|x\|_i = \sum_j |x_{ij}| + 10^{-8}$
+  (the L1 norm of row $i$ over all its other axes):
+
+  $$
+  c = -\langle g, d\rangle, \quad
+  r_i = [c < 0]\,\operatorname{clip}\Big(\frac{\|\tilde\theta_t - \theta_0\|_i
+      - \|d\|_i}{\|\tilde\theta_t - \theta_0\|_i}, 0, 1\Big), \quad
+  \theta_{t,i} = \tilde\theta_{t,i} - \lambda r_i\,(\tilde\theta_{t,i} - \theta_{0,i})
+  $$
+
+  The numerator is summed per element, $\sum_j (|\tilde\theta_t - \theta_0|_{ij}
+  - |d_{ij}|)$, the same number without subtracting two norms (the two
+  $10^{-8}$ cancel there, and stay in the denominator).
+
+  Returns (update, condition, ratio, deviation) per layer, as `project`
+  does; ``ratio`` is the mean over the layer's rows of the applied $r_i$,
+  and ``deviation`` is the Frobenius norm $\|\theta_t - \theta_0\|$ of the layer.
+  """
+  if psum_axes:
+    # A device's part of a leaf may hold whole rows or parts of rows; which,
+    # cannot be told from inside shard_map, and per-row sums added over
+    # devices would be wrong in the first case.
+    raise ValueError(
+        "norm='rows_l1' inside jax.shard_map with axis_name is not supported: "
+        "call the optimizer under jax.jit (sharding left to the compiler), or "
+        "use norm='frobenius'.")
+  acc = acc_dtype(p.dtype)
+  row, within = row_axes(p.ndim, axes)
+  layer_shape = tuple(p.shape[i] for i in axes)
+  p_acc, u_acc = p.astype(acc), u.astype(acc)
+  d = p_acc if a is None else p_acc - a.astype(acc)
+  # Per row, with the summed axes kept as size 1 so everything broadcasts
+  # back onto the leaf.
+  gd, new, growth, squares = (
+      jnp.expand_dims(s, within) for s in lax.platform_dependent(
+          g.astype(acc), d, u_acc,
+          cpu=functools.partial(_row_sums_cpu, within=within),
+          default=functools.partial(_row_sums_plain, within=within)))
+  over_rows = () if row is None else (row,)
+  condition = -jnp.sum(gd, axis=over_rows, keepdims=True)
+  ratio = jnp.clip(growth / (new + ROW_NORM_EPS), 0, 1)
+  ratio = jnp.where(condition < 0, ratio, 0)
+  # λ: a scalar or one value per layer (the layer axes' shape).
+  lam = jnp.asarray(lam).astype(acc)
+  if lam.ndim:
+    lam = jnp.expand_dims(lam, tuple(i for i in range(p.ndim) if i not in axes))
+  scale = lam * ratio
+  applied = scale != 0  # NaN strength shows, as in `project`
+  ratio = jnp.where(applied, ratio, 0)
+  tilde = p_acc + u_acc
+  away = tilde if a is None else tilde - a.astype(acc)
+  update = jnp.where(applied, (tilde - scale * away - p_acc).astype(u.dtype), u)
+  # ‖θ_t - θ_0‖² = Σ_i (1 - λ r_i)² ‖θ̃_t - θ_0‖²_i (row-wise squared L2).
+  deviation = jnp.sqrt(jnp.sum(jnp.square(1 - scale) * squares, axis=over_rows,
+                               keepdims=True))
+  mean_ratio = jnp.mean(ratio, axis=over_rows, keepdims=True)
+  per_layer = lambda x: jnp.reshape(x, layer_shape)
+  return update, per_layer(condition), per_layer(mean_ratio), per_layer(deviation)

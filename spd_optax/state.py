@@ -41,6 +41,9 @@ def spd_stats(state) -> dict[str, jax.Array]:
       λ may be too small to matter or the run is still early.
     - ``mean_ratio``: mean over units of the applied ratio r_t, which is 0
       wherever no decay was applied (c_t >= 0, nothing moved away, or λ = 0).
+      With ``norm="rows_l1"`` each unit's ratio is the mean of its rows'
+      applied ratios, and ``decayed_fraction`` counts units with any row
+      pulled back.
     - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
       the zero anchor this is the norm of the adapters.
 

@@ -54,7 +54,9 @@ class SPDState(NamedTuple):
   @property
   def ratio(self):
     """Per layer, the r_t applied at the last step: 0 wherever no decay was
-    applied (c_t >= 0, nothing moved away, or λ = 0)."""
+    applied (c_t >= 0, nothing moved away, or λ = 0). With
+    ``norm="rows_l1"``, the mean over the layer's rows of the applied
+    per-row ratios."""
     return self.layout.unpack(self.per_layer, 1)
 
   @property
@@ -71,6 +73,56 @@ def check_non_negative(name: str, value) -> None:
   value = np.asarray(value)
   if np.any(np.isnan(value)) or np.any(value < 0):
     raise ValueError(f"{name} must be >= 0 and not NaN, got {value}.")
+
+
+NORMS = ("frobenius", "rows_l1")
+
+
+def is_per_leaf(weight_decay) -> bool:
+  """Whether `weight_decay` gives λ per leaf (a tree like params or a prefix
+  of it, or an array of the layers' shape) rather than one for all."""
+  if callable(weight_decay) or isinstance(weight_decay, jax.core.Tracer):
+    return False
+  if isinstance(weight_decay, (jax.Array, np.ndarray)):
+    return np.ndim(weight_decay) > 0
+  return not jax.tree_util.treedef_is_leaf(jax.tree.structure(weight_decay))
+
+
+def _is_strength_entry(x) -> bool:
+  # None would vanish from a tree's leaves (and read as a missing entry):
+  # kept as an entry, so that the error names it.
+  return x is None or callable(x) or isinstance(x, (jax.Array, np.ndarray))
+
+
+def _strength_entries(weight_decay, params) -> list:
+  return trees.broadcast_prefix(weight_decay, params, "weight_decay",
+                                _is_strength_entry)
+
+
+def check_strengths(weight_decay, params, flags, shapes) -> None:
+  """Raises for an entry of a per-leaf `weight_decay` that can never be a
+  strength of its leaf: not a number, NaN, negative, or an array that is not
+  of the leaf's per-layer shape. Schedules and traced values pass."""
+  entries = _strength_entries(weight_decay, params)
+  for path, entry, on, shape in zip(trees.leaf_paths(params), entries, flags, shapes):
+    if not on or callable(entry):
+      continue
+    what = (f"weight_decay for params{path} must be a float >= 0, a schedule, "
+            f"or an array of its per-layer shape {shape}")
+    if entry is None or _is_bool(entry) or isinstance(entry, (bool, str, bytes)):
+      raise TypeError(f"{what}; got {entry!r}.")
+    if np.shape(entry) not in ((), shape):
+      raise ValueError(f"{what} (from layer_axes); got shape {np.shape(entry)}.")
+    if isinstance(entry, jax.core.Tracer):
+      continue
+    try:
+      value = np.asarray(entry)
+    except (TypeError, ValueError):
+      raise TypeError(f"{what}; got {entry!r}.") from None
+    if value.dtype.kind not in "iuf":
+      raise TypeError(f"{what}; got {entry!r} (dtype {value.dtype}).")
+    if np.any(np.isnan(value)) or np.any(value < 0):
+      raise ValueError(f"{what}, not negative or NaN; got {value}.")
 
 
 def check_float_dtype(name: str, dtype) -> Any:
@@ -161,7 +213,7 @@ def _flatten_as(treedef, tree, what: str, given, made_for) -> list:
 
 def selective_projection_decay(
     inner: optax.GradientTransformation,
-    weight_decay: float | optax.Schedule = 1.0,
+    weight_decay: float | optax.Schedule | Any = 1.0,
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
@@ -169,6 +221,7 @@ def selective_projection_decay(
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     axis_name: str | tuple[str, ...] | None = None,
+    norm: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
@@ -190,7 +243,9 @@ def selective_projection_decay(
   Decay acts only on layers where moving further from the anchor no longer
   lowers the loss ($c_t < 0$), and only by as much as the step moved away
   from it. $\lambda$ is not multiplied by the learning rate. Norms are
-  Frobenius norms over the layer, accumulated in at least float32.
+  Frobenius norms over the layer, accumulated in at least float32 (or, with
+  ``norm="rows_l1"``, L1 norms per row). $\lambda$ is one value, or one per
+  leaf or layer (a ``weight_decay`` tree).
 
   SPD acts on the update the inner optimizer returns. Around optimizers
   that keep a second sequence of iterates (e.g. `optax.contrib.schedule_free`,
@@ -212,7 +267,19 @@ def selective_projection_decay(
     weight_decay: λ >= 0, a float or an `optax` schedule of the step count.
       A concrete negative or NaN value is refused; a traced or scheduled
       value cannot be checked: negative values act as 0, NaN makes the
-      updates NaN.
+      updates NaN. Or λ per leaf: a tree like params or a prefix of it
+      (matched by key path, so a plain dict fits an `nnx.State`), whose
+      entries are floats, schedules, or, for a leaf stacking layers, arrays
+      of its per-layer shape (the shape of its ``layer_axes``, e.g.
+      ``λ_max * (1 - jnp.arange(L) / L)``); `spd_optax.depth_scaled` builds
+      the depth-decreasing one. An array (not a tree) of the per-layer shape
+      applies to every SPD leaf. Per-leaf λ is from the authors' later code
+      (MAPS, module-wise proximity scheduling), not the NeurIPS paper, which
+      has one λ. A bad entry (negative, NaN, not a number, an array of
+      another shape) is refused at ``init``, naming the leaf. Under
+      `optax.inject_hyperparams` a tree is passed through unchanged (not
+      injectable; its schedules run on SPD's step count); a scalar, or one
+      per-layer array, is injectable.
     anchor: ``"params"`` copies the params given to ``init`` (full
       fine-tuning); ``"zeros"`` uses θ_0 = 0 and stores nothing (LoRA and
       other adapters). To anchor elsewhere, see `spd_optax.set_anchor`.
@@ -248,14 +315,29 @@ def selective_projection_decay(
       norms are those of the whole layer. A leaf that varies over a manual
       axis not named here is refused, never decayed per shard. Not needed
       under `jax.jit`, where sharding is the compiler's.
+    norm: the norm in the ratio $r_t$. ``"frobenius"`` (the default, the
+      paper's and ``AdamSPD``'s): of the whole layer. ``"rows_l1"``: the
+      authors' later ``norm_type="mars"`` (their ``AdamH`` / MAPS code, not
+      the NeurIPS paper): per row $i$ of each layer (its first axis that is
+      not a layer axis), $\|x\|_i = \sum_j |x_{ij}| + 10^{-8}$ over the row's
+      other axes, so $r_{t,i}$ is one value per row,
+      $r_{t,i} = \operatorname{clip}((\|\tilde\theta_t - \theta_0\|_i
+      - \|\theta_{t-1} - \theta_0\|_i) / \|\tilde\theta_t - \theta_0\|_i, 0, 1)$,
+      and each row is pulled back by its own ratio; $c_t$ stays one value per
+      layer. A layer of fewer than two axes is one row. The state's ratio is
+      then the mean over each layer's rows of the applied $r_{t,i}$. Not
+      supported inside `jax.shard_map` with ``axis_name``. Flax ``Dense``
+      kernels are ``[in, out]``: their rows are input rows, where PyTorch's
+      ``[out, in]`` weights have output rows.
 
   Returns:
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
 
   Raises:
     ValueError, TypeError: at construction for a bad ``anchor``,
-      ``weight_decay``, ``anchor_dtype`` or ``layer_axes``; at ``init`` for a
-      mask or ``layer_axes`` that does not fit params (naming the leaf), or a
+      ``weight_decay``, ``anchor_dtype``, ``layer_axes`` or ``norm``; at
+      ``init`` for a mask, ``layer_axes`` or ``weight_decay`` tree that does
+      not fit params or has a bad entry (naming the leaf), or a
       non-floating leaf SPD would act on; at ``update`` for params whose
       structure differs from those given to ``init``.
 
@@ -266,7 +348,15 @@ def selective_projection_decay(
   if anchor not in ANCHORS:
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
                      "any other anchor use spd_optax.set_anchor after init.")
-  check_non_negative("weight_decay", weight_decay)
+  per_leaf = is_per_leaf(weight_decay)
+  if weight_decay is None or isinstance(weight_decay, (str, bytes)):
+    raise TypeError("weight_decay must be a float >= 0, a schedule, or a tree "
+                    f"of those like params; got {weight_decay!r}.")
+  if not per_leaf:
+    check_non_negative("weight_decay", weight_decay)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  project = projection.project if norm == "frobenius" else projection.project_rows
   anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
   layers.check_layer_axes(layer_axes)
   if anchor_on_host and not _host_memory_works():
@@ -289,6 +379,9 @@ def selective_projection_decay(
     _check_floating(params, flags)
     axes = layers.resolve(layer_axes, params)
     leaves, treedef = jax.tree.flatten(params)
+    if per_leaf:
+      check_strengths(weight_decay, params, flags,
+                      [tuple(np.shape(p)[i] for i in ax) for p, ax in zip(leaves, axes)])
     anchors = None
     if anchor == "params":
       anchors = treedef.unflatten([
@@ -337,8 +430,13 @@ def selective_projection_decay(
 
     proposed, inner_state = inner.update(updates, state.inner_state, params,
                                          **extra_args)
-    lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
-    lam = jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
+    if per_leaf:
+      # Python-level, at trace time: the tree costs no op of its own.
+      lams = [None if shape is None else _strength(e, state.count) for e, shape
+              in zip(_strength_entries(weight_decay, params), layout.shapes)]
+    else:
+      lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
+      lams = [jnp.maximum(jnp.asarray(lam), 0)] * len(params_l)  # NaN stays NaN
     proposed_l = treedef.flatten_up_to(proposed)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
@@ -349,8 +447,8 @@ def selective_projection_decay(
       _warn_if_anchor_on_device(paths, anchors_l)
 
     out_u, columns, previous = [], [], None
-    for path, g, p, a, u, ax, shape in zip(paths, grads_l, params_l, anchors_l,
-                                           proposed_l, axes_l, layout.shapes):
+    for path, g, p, a, u, ax, shape, lam in zip(paths, grads_l, params_l, anchors_l,
+                                                proposed_l, axes_l, layout.shapes, lams):
       if shape is None:
         out_u.append(u)
         continue
@@ -359,7 +457,7 @@ def selective_projection_decay(
         # of the anchor is in device memory at a time.
         a = projection.anchor_to_device(a, after=previous)
       reduce_over = _manual_axes(path, (g, p, a, u), axis_name)
-      u, *values = projection.project(g, p, a, u, lam, ax, reduce_over)
+      u, *values = project(g, p, a, u, lam, ax, reduce_over)
       previous = u
       out_u.append(u)
       columns.append(values)
@@ -375,6 +473,11 @@ def selective_projection_decay(
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _strength(entry, count):
+  lam = entry(count) if callable(entry) else entry
+  return jnp.maximum(jnp.asarray(lam), 0)  # NaN stays NaN
 
 
 def _check_same_leaves(layout, params) -> None:
@@ -494,7 +597,7 @@ def adam_spd(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float | optax.Schedule = 1.0,
+    weight_decay: float | optax.Schedule | Any = 1.0,
     anchor: str = "params",
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
@@ -503,6 +606,7 @@ def adam_spd(
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
     axis_name: str | tuple[str, ...] | None = None,
+    norm: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
@@ -525,7 +629,8 @@ def adam_spd(
     b1: decay rate of Adam's first moment.
     b2: decay rate of Adam's second moment.
     eps: term added to Adam's denominator.
-    weight_decay: SPD's strength λ >= 0 (a float or a schedule).
+    weight_decay: SPD's strength λ >= 0: a float, a schedule, or per leaf
+      (a tree, see `selective_projection_decay`; `spd_optax.depth_scaled`).
     anchor: ``"params"`` or ``"zeros"``, as in `selective_projection_decay`.
     mask: leaves SPD acts on, as in `selective_projection_decay`.
     layer_axes: the axes of stacked leaves that index layers, as in
@@ -537,6 +642,8 @@ def adam_spd(
       `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
     axis_name: inside `jax.shard_map`, the manual axes params are split
       over, as in `selective_projection_decay`.
+    norm: ``"frobenius"`` or ``"rows_l1"`` (the authors' later "mars"
+      row-wise norms), as in `selective_projection_decay`.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -552,4 +659,4 @@ def adam_spd(
                                     layer_axes=layer_axes,
                                     anchor_dtype=anchor_dtype,
                                     anchor_on_host=anchor_on_host,
-                                    axis_name=axis_name)
+                                    axis_name=axis_name, norm=norm)
