@@ -32,13 +32,24 @@ from examples.llm.model import LlamaConfig, apply_rope, rope_tables
 LAYERS = "layers"
 
 
+def _explicit():
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
 def _gathered(w):
   """The whole weight on every device (FSDP's all-gather), where a mesh with
   Explicit axes is set; elsewhere (one device, Auto axes) the value itself."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(t == AxisType.Explicit for t in mesh.axis_types):
-    return w
-  return jax.sharding.reshard(w, P())
+  return jax.sharding.reshard(w, P()) if _explicit() else w
+
+
+def _lookup(embed, tokens):
+  """embed[tokens], sharded like the tokens (along the batch) on an Explicit
+  mesh, where the gather's output sharding must be given."""
+  if not _explicit():
+    return jnp.take(embed, tokens, axis=0)
+  spec = jax.typeof(tokens).sharding.spec
+  return embed.at[tokens].get(out_sharding=P(*spec, None))
 
 
 def _param(rngs, shape, names, scale=0.02):
@@ -86,14 +97,19 @@ class ScanLlama(nnx.Module):
   """Decoder-only LLaMA whose `blocks` hold all L blocks stacked along
   `layer_axis` (0, or 1 as MaxText stores them)."""
 
-  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, remat: bool = False,
+               rngs: nnx.Rngs):
     if layer_axis not in (0, 1):
       raise ValueError(f"layer_axis must be 0 or 1 (MaxText), got {layer_axis!r}")
-    if not cfg.tie_embeddings:
-      raise ValueError("ScanLlama implements tied embeddings only (SmolLM2's)")
     self.cfg = cfg
     self.layer_axis = layer_axis
+    # Recompute each block in the backward pass instead of keeping its
+    # activations: what large models do (MaxText's remat), used by the
+    # memory plan at 1B/8B shapes.
+    self.remat = remat
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
     self.norm = nnx.Param(jnp.ones((cfg.dim,)), out_sharding=("embed",))
 
     @nnx.split_rngs(splits=cfg.n_layers)
@@ -108,16 +124,23 @@ class ScanLlama(nnx.Module):
     """tokens: int [batch, seq] -> float32 logits [batch, seq, vocab]."""
     cos, sin = rope_tables(tokens.shape[1], self.cfg.head_dim, self.cfg.rope_base)
     embed = _gathered(self.embed_tokens[...])
-    x = jnp.take(embed, tokens, axis=0)
+    x = _lookup(embed, tokens)
+
+    def run_block(block, x):
+      return block(x, cos, sin)
+    if self.remat:
+      run_block = nnx.remat(run_block)
 
     @nnx.scan(in_axes=(self.layer_axis, nnx.Carry), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: LAYERS})
     def body(block, x):
-      return block(x, cos, sin)
+      return run_block(block, x)
 
     x = body(self.blocks, x)
     x = _rms_norm(x, _gathered(self.norm[...]), self.cfg.norm_eps)
-    return x @ embed.T
+    if self.cfg.tie_embeddings:
+      return x @ embed.T
+    return x @ _gathered(self.lm_head[...])
 
 
 _BLOCK_NAMES = ["input_layernorm", "post_attention_layernorm",
@@ -152,6 +175,8 @@ def build_scan_model(cfg: LlamaConfig, weights: dict, *, n_layers: int | None = 
 
   put(model.embed_tokens, take("model.embed_tokens.weight"))
   put(model.norm, take("model.norm.weight"))
+  if not cfg.tie_embeddings:
+    put(model.lm_head, take("lm_head.weight").T)
   for name in _BLOCK_NAMES:
     per_layer = [take(f"model.layers.{i}.{name}.weight") for i in range(n_layers)]
     if per_layer[0].ndim == 2:  # Linear [out, in] -> kernel [in, out]
