@@ -45,10 +45,11 @@ PRESETS = {
                         adamw_weight_decay=(0.1, 1.0), log_every=1, checkpoint_every=2),
     # All 30 blocks on 8 CPU devices, sized from a measured train step of
     # 8 x 64 tokens: 42-60 s on 2 CPU cores shared with other jobs (load ~12),
-    # so 8 x 32 tokens and 16 steps; AdamW gets a two-point strength search
+    # so 8 x 32 tokens and 12 steps; AdamW gets a two-point strength search
     # on the ID validation chapters, SPD one strength, one seed (batch order).
-    "cpu": FullConfig(seq_len=32, steps=16, warmup_steps=2, eval_windows=16,
-                      adamw_weight_decay=(0.1, 1.0), log_every=2, checkpoint_every=8),
+    # Peak memory about 9 GB of host RAM.
+    "cpu": FullConfig(seq_len=32, steps=12, warmup_steps=2, eval_windows=16,
+                      adamw_weight_decay=(0.1, 1.0), log_every=2, checkpoint_every=6),
     # The GPU issue's run, not yet made: longer windows and training, strength
     # grids for both methods selected on validation, three seeds.
     "gpu": FullConfig(seq_len=256, batch_size=32, eval_batch_size=32, eval_windows=256,
