@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 import spd_optax
@@ -74,13 +73,11 @@ def parse_args(argv):
 
 # --- one run ----------------------------------------------------------------
 
-def _abstract(tree, shardings):
-  """Restore targets: shapes and dtypes of `tree` with `shardings` (which
-  has a sharding where the state has an empty MaskedNode: keep the node)."""
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  return jax.tree.map(
-      lambda x, s: x if masked(x) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings, is_leaf=masked)
+def _abstract(tree):
+  """Restore targets: the shapes, dtypes and shardings of a live tree (the
+  freshly initialised params and state, laid out on this run's mesh)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
 
 
 def run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume=False, stop_after=None):
@@ -114,7 +111,7 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
   start, history = 0, []
   if resume and ckpt_dir.exists() and (steps_saved := _saved_steps(ckpt_dir)):
     params, state = spd_checkpoint.restore(
-        ckpt_dir, _abstract(params, psh), _abstract(state, ssh), step=steps_saved[-1])
+        ckpt_dir, _abstract(params), _abstract(state), step=steps_saved[-1])
     start = min(steps_saved[-1], steps)
     if (run_dir / "history.json").exists():
       history = [h for h in json.loads((run_dir / "history.json").read_text())

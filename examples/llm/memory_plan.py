@@ -62,7 +62,7 @@ def tpu_mesh(topology):
 def abstract_params(cfg, mesh):
   """(graphdef, params as ShapeDtypeStructs with FSDP shardings, layer_axes)."""
   with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: scan_model.ScanLlama(cfg, remat=True, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: scan_model.ScanLlama(cfg, remat="full", rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model, nnx.Param)
   specs = nnx.to_pure_dict(scan_model.param_specs(state, {"embed": "fsdp"}))
   psh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,

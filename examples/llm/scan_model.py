@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec as P
 
 from examples.llm.model import LlamaConfig, apply_rope, rope_tables
@@ -37,10 +38,17 @@ def _explicit():
   return not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
 
 
+GATHERED = "fsdp_gathered"
+
+
 def _gathered(w):
   """The whole weight on every device (FSDP's all-gather), where a mesh with
-  Explicit axes is set; elsewhere (one device, Auto axes) the value itself."""
-  return jax.sharding.reshard(w, P()) if _explicit() else w
+  Explicit axes is set; elsewhere (one device, Auto axes) the value itself.
+  Named, so that remat="gathered" can recompute it in the backward pass
+  instead of keeping every block's gathered weights alive until then."""
+  if _explicit():
+    w = jax.sharding.reshard(w, P())
+  return checkpoint_name(w, GATHERED)
 
 
 def _lookup(embed, tokens):
@@ -93,19 +101,28 @@ class Block(nnx.Module):
     return x + (jax.nn.silu(h @ w(self.gate_proj)) * (h @ w(self.up_proj))) @ w(self.down_proj)
 
 
+REMAT = {"none": None,
+         "gathered": jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
+         "full": jax.checkpoint_policies.nothing_saveable}
+
+
 class ScanLlama(nnx.Module):
   """Decoder-only LLaMA whose `blocks` hold all L blocks stacked along
   `layer_axis` (0, or 1 as MaxText stores them)."""
 
-  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, remat: bool = False,
+  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, remat: str = "gathered",
                rngs: nnx.Rngs):
     if layer_axis not in (0, 1):
       raise ValueError(f"layer_axis must be 0 or 1 (MaxText), got {layer_axis!r}")
+    if remat not in REMAT:
+      raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
     self.cfg = cfg
     self.layer_axis = layer_axis
-    # Recompute each block in the backward pass instead of keeping its
-    # activations: what large models do (MaxText's remat), used by the
-    # memory plan at 1B/8B shapes.
+    # What the backward pass recomputes instead of keeping from the forward:
+    # "gathered" only the all-gathered weights (otherwise all L blocks' full
+    # weights stay alive on every device: 8 copies of the model on a CPU
+    # mesh, which is host RAM); "full" whole blocks, as large models do
+    # (MaxText's remat), used by the memory plan at 1B/8B shapes.
     self.remat = remat
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
     if not cfg.tie_embeddings:
@@ -128,8 +145,8 @@ class ScanLlama(nnx.Module):
 
     def run_block(block, x):
       return block(x, cos, sin)
-    if self.remat:
-      run_block = nnx.remat(run_block)
+    if self.remat != "none":
+      run_block = nnx.remat(run_block, policy=REMAT[self.remat])
 
     @nnx.scan(in_axes=(self.layer_axis, nnx.Carry), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: LAYERS})
