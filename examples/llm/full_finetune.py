@@ -201,15 +201,17 @@ def plot_heatmap(history, path, title):
   pulled = (ratio > 0).sum(1).T                     # [L, T]
   mean_ratio = ratio.mean(1).T
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharey=True)
-  for ax, values, label, cmap in [
-      (axes[0], pulled, "matrices pulled back (of 7)", "Reds"),
-      (axes[1], mean_ratio, "mean applied ratio r_t", "viridis")]:
+  for ax, values, label, cmap, vmax in [
+      (axes[0], pulled, f"matrices pulled back (of {ratio.shape[1]})", "Reds", ratio.shape[1]),
+      (axes[1], mean_ratio, "mean applied ratio r_t", "viridis", max(mean_ratio.max(), 1e-9))]:
     im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest",
+                   vmin=0, vmax=vmax,
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, values.shape[0] - 0.5)
                    if len(steps) > 1 else None)
     ax.set_xlabel("step (logged)")
     fig.colorbar(im, ax=ax, label=label)
   axes[0].set_ylabel("block")
+  axes[0].set_yticks(np.arange(0, pulled.shape[0], max(1, pulled.shape[0] // 10)))
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -225,6 +227,7 @@ def plot_block_deviation(devs, path, title):
     x = np.arange(len(d)) + (i - (len(devs) - 1) / 2) * width
     ax.bar(x, d, width, label=label, color=COLOURS.get(label.split(" ")[0]))
   ax.set_xlabel("block")
+  ax.set_xticks(np.arange(len(d)))
   ax.set_ylabel("‖θ − θ0‖ of the block's matrices")
   ax.set_title(title)
   ax.legend()
