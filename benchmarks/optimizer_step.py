@@ -7,7 +7,9 @@ blocks stacked into one leaf per weight (as scanned models store them).
   python benchmarks/optimizer_step.py --sets vit_b16 --reps 30 --json out.json
   python benchmarks/optimizer_step.py --sets llama_1b --dtype bfloat16
 
-Prints a table of median milliseconds and ratios to optax.adamw; writes JSON,
+  python benchmarks/optimizer_step.py --steps-per-call 10   # 10 steps per jit call
+
+Prints a table of median milliseconds per step and ratios to optax.adamw; writes JSON,
 with each compiled step's fusion count and XLA's count of the bytes it
 accesses, in words (one word = one parameter's dtype) per parameter.
 "naive SPD" is optax.adam plus SPD written per leaf the obvious way: what
@@ -124,11 +126,21 @@ def optimizers(shapes, stacked, lr=1e-4):
   }
 
 
-def make_step(tx):
+def make_step(tx, steps_per_call=1):
+  """One jitted, donated call running `steps_per_call` optimizer steps on the
+  same gradients; more than one runs them in a `lax.fori_loop`, so the
+  per-call cost on the host (dispatch, one array handle per leaf in and out)
+  is paid once for all of them."""
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
-  return jax.jit(step, donate_argnums=(0, 1))
+
+  def steps(params, state, grads):
+    if steps_per_call == 1:
+      return step(params, state, grads)
+    return jax.lax.fori_loop(0, steps_per_call,
+                             lambda _, c: step(*c, grads), (params, state))
+  return jax.jit(steps, donate_argnums=(0, 1))
 
 
 def random_tree(shapes, seed, dtype=jnp.float32):
@@ -150,7 +162,9 @@ def compiled_stats(compiled, n, itemsize, hlo_path=None):
           "words_per_param": None if accessed is None else accessed / (n * itemsize)}
 
 
-def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag=""):
+def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag="",
+          steps_per_call=1):
+  """Medians per optimizer step: of one call's time, over `steps_per_call`."""
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
   itemsize = jnp.dtype(dtype).itemsize
   runs, grads_for, stats = {}, {}, {}
@@ -160,7 +174,7 @@ def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None
       grads_for[id(tx_shapes)] = random_tree(tx_shapes, 1, dtype)
     params, grads = random_tree(tx_shapes, 0, dtype), grads_for[id(tx_shapes)]
     state = jax.jit(tx.init)(params)
-    step = make_step(tx).lower(params, state, grads).compile()
+    step = make_step(tx, steps_per_call).lower(params, state, grads).compile()
     hlo = None if hlo_dir is None else hlo_dir / f"{tag}{re.sub(r'[^A-Za-z0-9]+', '_', name)}.hlo.txt"
     stats[name] = compiled_stats(step, n, itemsize, hlo)
     for _ in range(warmup):  # let SPD's condition start firing
@@ -177,8 +191,8 @@ def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None
       jax.block_until_ready((params, state))
       times.append(time.perf_counter() - t0)
       run[1], run[2] = params, state
-  med = {k: 1e3 * statistics.median(r[4]) for k, r in runs.items()}
-  out = {"params": n, "leaves": leaves, "median_ms": med,
+  med = {k: 1e3 * statistics.median(r[4]) / steps_per_call for k, r in runs.items()}
+  out = {"params": n, "leaves": leaves, "steps_per_call": steps_per_call, "median_ms": med,
          "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()},
          "compiled": stats}
   if stacked:
@@ -209,6 +223,11 @@ def main(argv=None):
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="of params, gradients and (so) every optimizer's state")
   parser.add_argument("--json", default="benchmarks/optimizer_step.json")
+  parser.add_argument("--steps-per-call", type=int, default=1,
+                      help="K > 1 runs K steps inside one jit (lax.fori_loop) "
+                      "per call, and reports the call's time over K: with the "
+                      "default, one step per call, the difference is the "
+                      "per-call cost on the host")
   parser.add_argument("--hlo-dir", default=None,
                       help="write each compiled step's optimized HLO here")
   args = parser.parse_args(argv)
@@ -220,13 +239,16 @@ def main(argv=None):
   results = {"backend": jax.default_backend(), "device": device.device_kind,
              "jax": jax.__version__, "python": platform.python_version(),
              "reps": args.reps, "dtype": args.dtype,
+             "steps_per_call": args.steps_per_call,
              "copy_GBps": copy_bandwidth(), "sets": {}}
   print(f"{results['device']} ({results['backend']}), jax {jax.__version__}, "
-        f"{args.reps} alternating reps, {args.dtype}, jitted + donated step; "
+        f"{args.reps} alternating reps, {args.dtype}, jitted + donated, "
+        f"{args.steps_per_call} step(s) per call; "
         f"device copy {results['copy_GBps']:.0f} GB/s (read + write)")
   for name in args.sets:
     r = bench(SETS[name](), args.reps, stacked=name.endswith("_stacked"),
-              dtype=jnp.dtype(args.dtype), hlo_dir=hlo_dir, tag=f"{name}_{args.dtype}_")
+              dtype=jnp.dtype(args.dtype), hlo_dir=hlo_dir, tag=f"{name}_{args.dtype}_",
+              steps_per_call=args.steps_per_call)
     results["sets"][name] = r
     print(f"\n| set | params | leaves | {' | '.join(r['median_ms'])} | adam_spd / adamw |"
           + (" stacked / unstacked |" if "stacked_over_unstacked" in r else ""))

@@ -95,16 +95,39 @@ def spd_log(opt_state) -> dict[str, float]:
 
 class Checkpointer:
   """An Orbax CheckpointManager for one pytree of arrays (e.g. nnx.state of
-  the model and optimizer together, so a resumed run keeps its SPD anchor)."""
+  the model and optimizer together, so a resumed run keeps its SPD anchor).
+
+  One per run, used as a context manager. A save returns once the arrays
+  are copied off the device and writes them while training goes on; the
+  manager waits for it before the next save, and leaving the `with` block
+  waits for the last one, so the run's checkpoints are complete on disk
+  before anything reads, deletes or resumes from them. (Waiting after every
+  save instead serialises the writes, and Orbax then reports each wait as
+  "Waiting for previous save to complete".)
+  """
 
   def __init__(self, directory, max_to_keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the save in flight, then releases the manager."""
+    self.manager.close()
 
   def save(self, step: int, state) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(state))
-    self.manager.wait_until_finished()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -124,27 +147,53 @@ def _markdown_table(rows, columns) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_report(results_dir, name, rows, *, columns, plot_x, plot_y, title) -> None:
-  """Writes `<name>.json`, `<name>.md` and `<name>.png` under results_dir."""
+# One colour per method in every figure of both examples, keyed by the name
+# the figures print (the scripts' keys map to it through METHOD_NAMES).
+METHOD_COLORS = {"Linear probe": "tab:gray", "pre-trained": "tab:gray", "Adam": "tab:orange",
+                 "AdamW": "tab:blue", "L2-SP": "tab:green", "Adam-SPD": "tab:red"}
+METHOD_NAMES = {"probe": "Linear probe", "pretrained": "pre-trained", "adam": "Adam",
+                "adamw": "AdamW", "l2sp": "L2-SP", "spd": "Adam-SPD", "adam_spd": "Adam-SPD"}
+# What each method's strength is, for legends and axes.
+STRENGTH_NAMES = {"AdamW": "weight decay", "L2-SP": "α", "Adam-SPD": "λ"}
+DEVIATION = "‖θ − θ₀‖ (L2 norm over the backbone)"
+
+
+def method_name(method: str) -> str:
+  return METHOD_NAMES.get(method, method)
+
+
+def method_color(method: str) -> str:
+  return METHOD_COLORS[method_name(method)]
+
+
+def strength_label(method: str, strength) -> str:
+  """"Adam-SPD (λ = 0.5)"; a method without a strength is its name."""
+  name = method_name(method)
+  if name not in STRENGTH_NAMES or strength in (None, ""):
+    return name
+  return f"{name} ({STRENGTH_NAMES[name]} = {float(strength):g})"
+
+
+def pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
 
+
+def save_figure(fig, path) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+
+
+def write_table(results_dir, name, rows, columns) -> list[dict]:
+  """Writes `<name>.json` (all fields) and `<name>.md` (the columns) under
+  results_dir; returns the rows as plain Python values."""
   results_dir = pathlib.Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   rows = [{k: (v.item() if isinstance(v, (np.generic, jax.Array)) else v)
            for k, v in r.items()} for r in rows]
   (results_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
   (results_dir / f"{name}.md").write_text(_markdown_table(rows, columns))
-
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for method in dict.fromkeys(r["method"] for r in rows):
-    pts = [r for r in rows if r["method"] == method]
-    ax.scatter([r[plot_x] for r in pts], [r[plot_y] for r in pts], label=method)
-  ax.set_xlabel(plot_x)
-  ax.set_ylabel(plot_y)
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(results_dir / f"{name}.png", dpi=120)
-  plt.close(fig)
+  return rows

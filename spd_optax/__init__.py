@@ -2,6 +2,7 @@
 
 from spd_optax import adam
 from spd_optax.layers import layer_axes_from_names
+from spd_optax.sharding import state_shardings
 from spd_optax.state import set_anchor
 from spd_optax.state import spd_stats
 from spd_optax.transform import adam_spd
@@ -18,4 +19,5 @@ __all__ = [
     "selective_projection_decay",
     "set_anchor",
     "spd_stats",
+    "state_shardings",
 ]

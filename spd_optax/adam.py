@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from spd_optax import layout
+
 
 def _log(decay):
   # For a Python float, log(b) in double precision: 1 - f32(0.999)**t has a
@@ -50,7 +52,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   def init_fn(params):
     return optax.ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32),
+        count=layout.like_params(jnp.zeros([], jnp.int32), jax.tree.leaves(params)),
         mu=otu.tree_zeros_like(params, dtype=mu_dtype),
         nu=otu.tree_zeros_like(params))
 

@@ -1,8 +1,8 @@
 """Save and restore params with an SPD optimizer state, anchor checked.
 
 Plain Orbax restores an SPD state correctly when the target matches what was
-saved, but a target built with a different ``mask`` comes back with ``None``
-where an anchor leaf should be, a different ``anchor_dtype`` is cast without
+saved, but a target built with a different ``mask`` fails with a shape
+mismatch that does not say why, a different ``anchor_dtype`` is cast without
 notice, and a damaged step fails deep inside TensorStore. These two functions
 wrap `orbax.checkpoint.CheckpointManager` and store a small manifest next to
 the arrays: the layout of every anchor (which leaves are masked off, shapes,
@@ -29,7 +29,8 @@ import numpy as np
 
 from spd_optax.state import _is_masked, spd_states_with_paths
 
-FORMAT = 1
+# 2: the per-layer values are one packed array (format 1 held trees).
+FORMAT = 2
 
 
 def _bits(x) -> jax.Array:
@@ -66,21 +67,23 @@ def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
   """Layout (and optionally checksums) of every SPD anchor in opt_state."""
   states = {}
   for where, s in spd_states_with_paths(opt_state):
-    marks = jax.tree_util.tree_flatten_with_path(s.condition, is_leaf=_is_masked)[0]
-    anchors = ([None] * len(marks) if s.anchor is None else
+    layout = s.layout
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        layout.treedef.unflatten([0] * layout.treedef.num_leaves))[0]]
+    anchors = ([None] * len(names) if s.anchor is None else
                jax.tree.leaves(s.anchor, is_leaf=_is_masked))
-    if len(anchors) != len(marks):
+    if len(anchors) != len(names):
       raise ValueError(f"opt_state{where}: the anchor has {len(anchors)} leaves "
-                       f"for {len(marks)} params.")
+                       f"for {len(names)} params.")
     leaves = {}
-    for (path, mark), a in zip(marks, anchors):
-      entry = {"masked": _is_masked(mark)}
-      if not _is_masked(mark):
+    for name, shape, a in zip(names, layout.shapes, anchors):
+      entry = {"masked": shape is None}
+      if shape is not None:
         # One value per layer: shape () unless the leaf stacks layers.
-        entry["layers"] = list(np.shape(mark))
+        entry["layers"] = list(shape)
       if a is not None and not _is_masked(a):
         entry.update(shape=list(a.shape), dtype=jnp.dtype(a.dtype).name)
-      leaves[jax.tree_util.keystr(path)] = entry
+      leaves[name] = entry
     states[where] = {"anchor": "zeros" if s.anchor is None else "stored",
                      "leaves": leaves}
     if with_checksums and s.anchor is not None:
@@ -185,7 +188,11 @@ def restore(directory, params_target, opt_state_target, step: int | None = None)
           "checked: it was not written by spd_optax.checkpoint.save, or it is "
           f"partial or corrupt ({type(e).__name__}: {_first_line(e)}).") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-      raise ValueError(f"{where}: unknown SPD manifest format.")
+      raise ValueError(
+          f"{where}: SPD manifest format {saved.get('format') if isinstance(saved, dict) else '?'}, "
+          f"this spd_optax reads format {FORMAT}. Format 1 checkpoints hold the "
+          "per-layer values as trees, which this version packs into one array: "
+          "restore with the spd_optax version that saved it.")
     errors = _layout_errors(saved["spd_states"],
                             _manifest(opt_state_target, False)["spd_states"])
     if errors:

@@ -83,7 +83,7 @@ def _is_named(x) -> bool:
           or isinstance(getattr(x, "names", None), (tuple, list)))
 
 
-def layer_axes_from_names(tree, name: str = "layers") -> Any:
+def layer_axes_from_names(tree: Any, name: str = "layers") -> Any:
   """A `layer_axes` tree read off the partition names a model carries.
 
   `flax.nnx.scan` with ``transform_metadata={nnx.PARTITION_NAME: name}`` and

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from spd_optax.transform import SPDState, _copy
-from spd_optax.trees import is_variable
+from spd_optax import trees
+from spd_optax.trees import is_variable, unwrap
 
 
 def _is_spd(x) -> bool:
@@ -49,20 +50,23 @@ def spd_stats(state) -> dict[str, jax.Array]:
     print({k: float(v) for k, v in spd_optax.spd_stats(state).items()})
     ```
   """
-  ratios, deviations = [], []
+  # Sums per state, then one division: no concatenation, which on an
+  # Explicit mesh would need every part on one sharding.
+  decayed = ratio_sum = squares = units = 0
   for s in _find(state):
-    ratios += jax.tree.leaves(s.ratio)
-    deviations += jax.tree.leaves(s.deviation)
-  if not sum(jnp.size(r) for r in ratios):
+    per_layer = unwrap(s.per_layer).astype(jnp.float32)
+    ratios, deviations = per_layer[1], per_layer[2]
+    decayed = decayed + jnp.sum(ratios > 0, dtype=jnp.float32)
+    ratio_sum = ratio_sum + jnp.sum(ratios)
+    squares = squares + jnp.sum(jnp.square(deviations))
+    units += s.layout.units
+  if not units:
     zero = jnp.zeros((), jnp.float32)
     return {"decayed_fraction": zero, "mean_ratio": zero, "deviation": zero}
-  # Scalars and per-layer arrays alike: every element is one unit.
-  flat = lambda xs: jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in xs])
-  ratios, deviations = flat(ratios), flat(deviations)
   return {
-      "decayed_fraction": jnp.mean((ratios > 0).astype(jnp.float32)),
-      "mean_ratio": jnp.mean(ratios),
-      "deviation": jnp.sqrt(jnp.sum(jnp.square(deviations))),
+      "decayed_fraction": decayed / units,
+      "mean_ratio": ratio_sum / units,
+      "deviation": jnp.sqrt(squares),
   }
 
 
@@ -117,11 +121,11 @@ def set_anchor(state, anchor):
         masked.add(key)  # a leaf, or a whole subtree under a prefix mask
         continue
       if key not in given:
-        missing.append(_name(key))
+        missing.append(trees.name(key))
       elif jnp.shape(given[key]) != old.shape:
-        wrong.append(f"{_name(key)} of shape {jnp.shape(given[key])} does not "
+        wrong.append(f"{trees.name(key)} of shape {jnp.shape(given[key])} does not "
                      f"match the stored anchor's {old.shape}")
-  extra = [_name(k) for k in given if k not in known
+  extra = [trees.name(k) for k in given if k not in known
            and not any(k[:len(m)] == m for m in masked)]
   if missing or extra:
     raise ValueError(
@@ -134,36 +138,17 @@ def set_anchor(state, anchor):
     if not _is_spd(s) or s.anchor is None:
       return s  # Variables outside SPD parts stay the same objects
     flat, treedef = jax.tree_util.tree_flatten_with_path(s.anchor, is_leaf=_is_masked)
-    leaves = [o if _is_masked(o) else _place_like(_copy(given[_key(p)], o.dtype), o)
+    leaves = [o if _is_masked(o) else _place_like(_copy(given[trees.key(p)], o.dtype), o)
               for p, o in flat]
     return s._replace(anchor=treedef.unflatten(leaves))
 
   return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or is_variable(x))
 
 
-def _key(path) -> tuple:
-  # A leaf's place in the tree, whatever holds it: a dict entry, a dataclass
-  # field, a list index and an nnx.State entry with the same key are one
-  # place; an nnx Variable's `.value` is not part of it.
-  return tuple(_raw_key(k) for k in path
-               if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
-
-
-def _raw_key(k):
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return k
-
-
-def _name(key) -> str:
-  return "".join(f"[{k!r}]" for k in key)
-
-
 def _by_path(tree, keep_masked=False) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=_is_masked if keep_masked else None)[0]
-  return {_key(p): x for p, x in flat}
+  return {trees.key(p): x for p, x in flat}
 
 
 def _place_like(new, old):

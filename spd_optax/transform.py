@@ -1,6 +1,8 @@
 """Selective Projection Decay around any Optax optimizer."""
 
+import functools
 from typing import Any, Callable, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import optax
 
 from spd_optax import adam
 from spd_optax import layers
+from spd_optax import layout as layout_lib
 from spd_optax import projection
 from spd_optax import trees
 
@@ -17,28 +20,47 @@ ANCHORS = ("params", "zeros")
 class SPDState(NamedTuple):
   """State of `selective_projection_decay`.
 
-  The per-layer values (`condition`, `ratio`, `deviation`) are trees like
-  params holding, per leaf, an array of the shape of its layer axes: a
-  scalar for a leaf that is one layer (the default), ``[L]`` for a leaf
-  stacking L layers along ``layer_axes=0``. They are never params-shaped, so
-  `optax.tree_map_params` passes them to ``transform_non_params``.
+  The per-layer values are read by name through `condition`, `ratio` and
+  `deviation`: trees like params holding, per leaf, an array of the shape
+  of its layer axes (a scalar for a leaf that is one layer, the default;
+  ``[L]`` for a leaf stacking L layers along ``layer_axes=0``) and
+  `optax.MaskedNode()` where SPD leaves the leaf alone. They are stored
+  packed in one small array, `per_layer`, so that a jitted step passes one
+  array for them instead of three per leaf; it is never params-shaped, so
+  `optax.tree_map_params` passes it to ``transform_non_params``.
 
   Attributes:
     count: steps taken, for a `weight_decay` schedule.
     inner_state: the base optimizer's state.
     anchor: θ_0 per leaf (like params); `optax.MaskedNode()` on leaves SPD
       leaves alone; `None` for the zero anchor, which stores nothing.
-    condition: per layer, c_t = -<g_t, θ_{t-1} - θ_0> of the last step.
-    ratio: per layer, the r_t applied at the last step: 0 wherever no decay
-      was applied (c_t >= 0, nothing moved away, or λ = 0).
-    deviation: per layer, ‖θ_t - θ_0‖ after the last step.
+    per_layer: ``[3, layers]``, the rows `condition`, `ratio` and
+      `deviation` of every layer of every SPD leaf, in the params' flatten
+      order; replicated on the params' mesh.
+    layout: which columns of `per_layer` belong to which leaf (static: no
+      arrays, part of the tree structure).
   """
   count: jax.Array
   inner_state: optax.OptState
   anchor: Any
-  condition: Any
-  ratio: Any
-  deviation: Any
+  per_layer: jax.Array
+  layout: layout_lib.Layout
+
+  @property
+  def condition(self):
+    """Per layer, c_t = -<g_t, θ_{t-1} - θ_0> of the last step."""
+    return self.layout.unpack(self.per_layer, 0)
+
+  @property
+  def ratio(self):
+    """Per layer, the r_t applied at the last step: 0 wherever no decay was
+    applied (c_t >= 0, nothing moved away, or λ = 0)."""
+    return self.layout.unpack(self.per_layer, 1)
+
+  @property
+  def deviation(self):
+    """Per layer, ‖θ_t - θ_0‖ after the last step."""
+    return self.layout.unpack(self.per_layer, 2)
 
 
 def check_non_negative(name: str, value) -> None:
@@ -146,6 +168,7 @@ def selective_projection_decay(
     layer_axes: Any | Callable[[optax.Params], Any] = None,
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
 
@@ -216,7 +239,15 @@ def selective_projection_decay(
     anchor_on_host: keep the anchor in host memory (``pinned_host``, on
       backends with memory kinds: GPU, TPU, CPU) and move it in each step.
       Saves one param-sized buffer of device memory; costs a host-to-device
-      copy of the anchor per step.
+      copy of the anchor per step. Give the state the shardings of
+      `spd_optax.state_shardings`, which keep it there; ``update`` warns
+      when the anchor arrives in device memory.
+    axis_name: inside `jax.shard_map`, the manual mesh axes that the params'
+      elements are split over (hand-written FSDP): SPD's per-layer sums are
+      added over them with `jax.lax.psum`, so each layer's condition and
+      norms are those of the whole layer. A leaf that varies over a manual
+      axis not named here is refused, never decayed per shard. Not needed
+      under `jax.jit`, where sharding is the compiler's.
 
   Returns:
     A `GradientTransformationExtraArgs`; ``update`` requires ``params``.
@@ -238,6 +269,11 @@ def selective_projection_decay(
   check_non_negative("weight_decay", weight_decay)
   anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
   layers.check_layer_axes(layer_axes)
+  if axis_name is not None and not (isinstance(axis_name, str) or (
+      isinstance(axis_name, tuple) and all(isinstance(n, str) for n in axis_name))):
+    raise TypeError(f"axis_name must be a mesh axis name, a tuple of them, or "
+                    f"None; got {axis_name!r}. Under optax.inject_hyperparams, "
+                    "pass static_args=('axis_name',).")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -247,47 +283,49 @@ def selective_projection_decay(
     _check_floating(params, flags)
     axes = layers.resolve(layer_axes, params)
     leaves, treedef = jax.tree.flatten(params)
-
-    def per_leaf(fn, treedef=treedef):
-      return treedef.unflatten([fn(p, ax) if on else optax.MaskedNode()
-                                for p, ax, on in zip(leaves, axes, flags)])
-
-    def per_layer_zeros(p, ax):
-      return jnp.zeros(tuple(p.shape[i] for i in ax), projection.acc_dtype(p.dtype))
-
-    scalar_def = trees.scalar_def(params)
     anchors = None
     if anchor == "params":
-      anchors = per_leaf(lambda p, _: _copy(p, p.dtype if anchor_dtype is None else anchor_dtype))
+      anchors = treedef.unflatten([
+          _copy(p, p.dtype if anchor_dtype is None else anchor_dtype) if on
+          else optax.MaskedNode() for p, on in zip(leaves, flags)])
       if anchor_on_host:
         anchors = jax.device_put(anchors, jax.memory.Space.Host)
+    layout = layout_lib.Layout(
+        treedef=trees.scalar_def(params),
+        keys=tuple(k for k, _ in trees.with_paths(params)),
+        shapes=tuple(tuple(np.shape(p)[i] for i in ax) if on else None
+                     for p, ax, on in zip(leaves, axes, flags)),
+        anchor_on_host=anchor_on_host and anchor == "params")
+    on_leaves = [p for p, on in zip(leaves, flags) if on]
+    dtype = functools.reduce(jnp.promote_types,
+                             [projection.acc_dtype(p.dtype) for p in on_leaves],
+                             jnp.dtype(jnp.float32))
     return SPDState(
-        count=jnp.zeros((), jnp.int32),
+        count=layout_lib.like_params(jnp.zeros((), jnp.int32), leaves),
         inner_state=inner.init(params),
         anchor=anchors,
-        condition=per_leaf(per_layer_zeros, scalar_def),
-        ratio=per_leaf(per_layer_zeros, scalar_def),
-        deviation=per_leaf(per_layer_zeros, scalar_def),
+        per_layer=layout_lib.zeros(layout, dtype, on_leaves),
+        layout=layout,
     )
 
   def _placeholder_state(params):
     # For optax.tree_map_params: the anchor and the inner state map like
-    # params; count and the per-layer values go to transform_non_params.
+    # params; count, the per-layer values and (as a leaf here, so that the
+    # real layout need not be known) the layout go to transform_non_params.
     zero = jnp.zeros(())
     return SPDState(count=zero, inner_state=inner.init(params),
                     anchor=params if anchor == "params" else None,
-                    condition=zero, ratio=zero, deviation=zero)
+                    per_layer=zero, layout=zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("selective_projection_decay needs the current params: "
                        "call tx.update(grads, state, params).")
+    layout = state.layout
     # Checked first, so a mismatch is reported here and not deep inside the
     # inner optimizer's tree_map.
+    _check_same_leaves(layout, params)
     treedef = jax.tree.structure(params)
-    scalar_def = trees.scalar_def(params)
-    marks = _flatten_as(scalar_def, state.condition, "the params", params,
-                        state.condition)
     grads_l = _flatten_as(treedef, updates, "the gradients", updates, params)
     params_l = treedef.flatten_up_to(params)
 
@@ -298,48 +336,144 @@ def selective_projection_decay(
     proposed_l = treedef.flatten_up_to(proposed)
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
-    if anchor_on_host:
-      anchors_l = [a if a is None or isinstance(a, optax.MaskedNode)
-                   else jax.device_put(a, jax.memory.Space.Device) for a in anchors_l]
     axes_l = layers.resolve(layer_axes, params)
-    _check_layer_shapes(params, params_l, axes_l, marks)
+    _check_layer_shapes(params, params_l, axes_l, layout.shapes)
+    paths = trees.leaf_paths(params)
+    if anchor_on_host:
+      _warn_if_anchor_on_device(paths, anchors_l)
 
-    def one(g, p, a, u, ax, mark):
-      if isinstance(mark, optax.MaskedNode):
-        return u, mark, mark, mark
-      u, *per_layer = projection.project(g, p, a, u, lam, ax)
-      # The state's dtypes stay those of init whatever the grads' dtype, so
-      # a lax.scan carry or a jitted step's signature does not change.
-      return (u, *(v.astype(mark.dtype) for v in per_layer))
-
-    per_leaf = [one(*leaf) for leaf in
-                zip(grads_l, params_l, anchors_l, proposed_l, axes_l, marks)]
-    out_u, out_c, out_r, out_d = (list(col) for col in zip(*per_leaf)) if per_leaf else ([],) * 4
+    out_u, columns, previous = [], [], None
+    for path, g, p, a, u, ax, shape in zip(paths, grads_l, params_l, anchors_l,
+                                           proposed_l, axes_l, layout.shapes):
+      if shape is None:
+        out_u.append(u)
+        continue
+      if anchor_on_host:
+        # Leaf by leaf, after the previous leaf's update: only a leaf or two
+        # of the anchor is in device memory at a time.
+        a = projection.anchor_to_device(a, after=previous)
+      reduce_over = _manual_axes(path, (g, p, a, u), axis_name)
+      u, *values = projection.project(g, p, a, u, lam, ax, reduce_over)
+      previous = u
+      out_u.append(u)
+      columns.append(values)
     new_state = SPDState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         anchor=state.anchor,
-        condition=scalar_def.unflatten(out_c),
-        ratio=scalar_def.unflatten(out_r),
-        deviation=scalar_def.unflatten(out_d),
+        # Cast and placed as at init whatever the grads' dtype and sharding,
+        # so a lax.scan carry or a jitted step's signature does not change.
+        per_layer=layout_lib.pack(columns, trees.unwrap(state.per_layer)),
+        layout=layout,
     )
     return treedef.unflatten(out_u), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_layer_shapes(params, params_l, axes_l, marks) -> None:
-  for path, p, ax, mark in zip(trees.leaf_paths(params), params_l, axes_l, marks):
-    if isinstance(mark, optax.MaskedNode):
+def _check_same_leaves(layout, params) -> None:
+  have = tuple(k for k, _ in trees.with_paths(params))
+  if have != layout.keys:
+    missing = [trees.name(k) for k in layout.keys if k not in set(have)]
+    extra = [trees.name(k) for k in have if k not in set(layout.keys)]
+    raise ValueError(
+        "the params do not have the structure of the params the SPD state was "
+        f"made for at init: missing {missing or 'none'}, extra {extra or 'none'}"
+        f"{'' if missing or extra else ' (the same leaves in another order)'}. "
+        "Pass the same tree of params to init and update, or init a new state.")
+
+
+def _check_layer_shapes(params, params_l, axes_l, shapes) -> None:
+  for path, p, ax, shape in zip(trees.leaf_paths(params), params_l, axes_l, shapes):
+    if shape is None:
       continue
     want = tuple(np.shape(p)[i] for i in ax)
-    if tuple(np.shape(mark)) != want:
+    if shape != want:
       raise ValueError(
           f"params{path}: layer_axes give per-layer shape {want} at update, but "
-          f"the state made at init holds {tuple(np.shape(mark))}. A callable "
+          f"the state made at init holds {shape}. A callable "
           "layer_axes must give the same axes for the params at init and at "
           "update (nnx.Optimizer passes plain arrays at update, without "
           "metadata): compute the tree once and pass it.")
+
+
+def _varying(x) -> frozenset:
+  """The manual mesh axes (of an enclosing `jax.shard_map`) over which `x`
+  takes different values on different devices."""
+  if x is None or isinstance(x, optax.MaskedNode):
+    return frozenset()
+  aval = jax.typeof(x)
+  for get in (lambda t: t.vma, lambda t: t.manual_axis_type.varying):
+    try:
+      return frozenset(get(aval))
+    except AttributeError:
+      pass
+  return frozenset()
+
+
+def _manual_axes(path, arrays, axis_name) -> tuple[str, ...]:
+  """The manual axes to sum a leaf's SPD sums over: inside `jax.shard_map`
+  each device holds part of the leaf, and a condition or a norm over its
+  part alone is not SPD's."""
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  if not manual:
+    return ()
+  names = None if axis_name is None else (
+      (axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+  varying = frozenset().union(*map(_varying, arrays))
+  checked = _tracks_varying_axes()
+  if names is None:
+    if varying:
+      raise ValueError(
+          f"params{path} varies over the manual mesh axes {sorted(varying)} of "
+          "a jax.shard_map: each device holds part of it, and SPD's condition "
+          "and norms must span the whole layer. Pass axis_name= naming the "
+          "axes the leaf's elements are split over (their per-device sums are "
+          "then added with lax.psum), or call the optimizer outside shard_map.")
+    if not checked:
+      raise ValueError("selective_projection_decay runs inside a jax.shard_map "
+                       "that does not track which axes values vary over "
+                       "(check_vma=False): pass axis_name= (the axes params are "
+                       "split over, or () if every device holds whole leaves).")
+    return ()
+  unknown = set(names) - manual
+  if unknown:
+    raise ValueError(f"axis_name {sorted(unknown)} are not manual axes of the "
+                     f"enclosing jax.shard_map (those are {sorted(manual)}).")
+  left = varying - set(names)
+  if left:
+    raise ValueError(
+        f"params{path} varies over the manual mesh axes {sorted(left)}, which "
+        f"axis_name={axis_name!r} does not name: its SPD sums would cover one "
+        "device's part only. Add them to axis_name.")
+  # Invariant values need no sum (psum would count them once per device).
+  return tuple(n for n in names if n in varying or not checked)
+
+
+def _tracks_varying_axes() -> bool:
+  # shard_map(check_vma=False) leaves every value's varying axes empty, so
+  # "varies over nothing" means nothing there. JAX exposes the flag only
+  # privately; where it cannot be read, trust nothing.
+  try:
+    from jax._src import config
+    return bool(config._check_vma.value)
+  except (ImportError, AttributeError):
+    return False
+
+
+def _warn_if_anchor_on_device(paths, anchors_l) -> None:
+  for path, a in zip(paths, anchors_l):
+    if a is None or isinstance(a, optax.MaskedNode):
+      continue
+    if getattr(jax.typeof(a), "memory_space", None) == jax.memory.Space.Device:
+      warnings.warn(
+          f"anchor_on_host=True, but the anchor of params{path} arrived in "
+          "device memory, so it takes the device memory it was meant to "
+          "save. Its sharding lost the pinned_host memory kind: give the "
+          "state the shardings of spd_optax.state_shardings(tx, params) "
+          "(optax.tree_map_params gives the anchor the params' shardings, "
+          "in device memory).", stacklevel=4)
+      return
 
 
 def adam_spd(
@@ -355,6 +489,7 @@ def adam_spd(
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
@@ -387,6 +522,8 @@ def adam_spd(
       `selective_projection_decay`.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`); under
       `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
+    axis_name: inside `jax.shard_map`, the manual axes params are split
+      over, as in `selective_projection_decay`.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -401,4 +538,5 @@ def adam_spd(
   return selective_projection_decay(inner, weight_decay, anchor, mask,
                                     layer_axes=layer_axes,
                                     anchor_dtype=anchor_dtype,
-                                    anchor_on_host=anchor_on_host)
+                                    anchor_on_host=anchor_on_host,
+                                    axis_name=axis_name)

@@ -8,4 +8,5 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden"
+# Recorded from the authors' AdamSPD; see tests/golden/README.md.
+GOLDEN = REPO / "tests" / "golden"

@@ -36,3 +36,28 @@ def test_bench_records_xla_words_and_fusions_in_bfloat16():
     assert s["words_per_param"] > 0, name
   # SPD reads the anchor and its own sums on top of Adam's traffic.
   assert stats["adam_spd"]["words_per_param"] > stats["optax.adamw"]["words_per_param"]
+
+
+def test_steps_per_call_runs_the_same_steps_in_one_jit():
+  import jax
+  import jax.numpy as jnp
+  import spd_optax
+  shapes = {"w": (8, 4), "b": (4,)}
+  tx = spd_optax.adam_spd(1e-2, weight_decay=1.0)
+  params, grads = bench.random_tree(shapes, 0), bench.random_tree(shapes, 1)
+  one, three = bench.make_step(tx), bench.make_step(tx, steps_per_call=3)
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # the steps donate their inputs
+  p1, s1 = copy(params), tx.init(params)
+  for _ in range(3):
+    p1, s1 = one(p1, s1, grads)
+  p3, s3 = three(copy(params), tx.init(params), grads)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p3, s3))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_bench_reports_per_step_times_with_several_steps_per_call():
+  r = bench.bench({"w": (16, 8)}, reps=1, warmup=1, steps_per_call=4)
+  assert r["steps_per_call"] == 4
+  assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
+  assert all(v > 0 for v in r["median_ms"].values())
+  assert r["ratio_to_adamw"]["optax.adamw"] == 1

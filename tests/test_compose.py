@@ -1,5 +1,6 @@
 """SPD inside optax's wrappers, under jit with donation, and in flax.nnx."""
 
+import re
 import chex
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,47 @@ def test_flax_nnx_optimizer_with_head_masked_off():
   assert float(stats["decayed_fraction"]) >= 0
 
 
+def _nnx_run(tx, steps=12):
+  model = _Net(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (32, 6))
+  y = jax.random.randint(jax.random.key(2), (32,), 0, 3)
+
+  @nnx.jit
+  def step(model, opt):
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    opt.update(model, nnx.grad(loss_fn)(model))
+
+  for _ in range(steps):
+    step(model, opt)
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param)), opt.opt_state
+
+
+def test_flax_nnx_plain_dict_masks_and_layer_axes():
+  """Plain dicts (a prefix, or a full nnx.to_pure_dict) fit an nnx.State by
+  key: the README's form works under nnx.Optimizer."""
+  model = _Net(nnx.Rngs(0))
+  full = jax.tree.map(lambda _: True, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  full["head"] = jax.tree.map(lambda _: False, full["head"])
+  by_path = lambda state: jax.tree_util.tree_map_with_path(
+      lambda path, _: "head" not in jax.tree_util.keystr(path), state)
+  want, want_state = _nnx_run(spd_optax.adam_spd(0.05, mask=by_path))
+  for mask in ({"body": True, "head": False}, full):
+    got, state = _nnx_run(spd_optax.adam_spd(0.05, mask=mask))
+    chex.assert_trees_all_equal(got, want)
+    assert jax.tree.leaves(state.anchor["head"]) == []
+  # A layer_axes prefix of plain dicts (what layer_axes_from_names' error
+  # message tells users to write); one layer per leaf, as by default.
+  got, state = _nnx_run(spd_optax.adam_spd(
+      0.05, mask=by_path, layer_axes={"body": None, "head": {"kernel": None, "bias": None}}))
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(state.per_layer[...], want_state.per_layer[...])
+  with pytest.raises(ValueError, match=re.escape("""no entry for params ["['head']['bias']"]""")):
+    _nnx_run(spd_optax.adam_spd(0.05, mask={"body": True, "head": {"kernel": False}}))
+  with pytest.raises(ValueError, match=re.escape("""entries for no param ["['tail']"]""")):
+    _nnx_run(spd_optax.adam_spd(0.05, mask={"body": True, "head": False, "tail": True}))
+
+
 # --- optax idioms on an SPD state (hardening) ----------------------------------
 
 def test_inject_hyperparams_anchor_dtype():
@@ -263,7 +305,7 @@ def test_tree_map_params_cast_and_specs():
                               transform_non_params=lambda _: "replicated",
                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   assert got.anchor["w"] == "spec2" and got.inner_state[0].mu == specs
-  assert got.condition == "replicated" and got.count == "replicated"
+  assert got.per_layer == "replicated" and got.count == "replicated"
 
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])

@@ -49,7 +49,7 @@ def test_replays_reference(path, jit):
   fired = total = 0
   with jax.enable_x64(f64):
     for t, params, state, grads in _replay(z, meta, jit, steps):
-      conditions = optax.tree_utils.tree_get(state, "condition")
+      conditions = state.condition
       for n in meta["leaves"]:
         want = z[f"param/{t}/{n}"]
         got = np.asarray(params[n])

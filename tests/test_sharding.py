@@ -7,6 +7,7 @@ here is the recipe of docs/scaling.md.
 """
 
 import re
+import warnings
 
 import chex
 import jax
@@ -34,6 +35,15 @@ MASK = {k: k != "head" for k in SHAPES}
 STEPS = 6
 
 
+@pytest.fixture(autouse=True, params=[AxisType.Explicit, AxisType.Auto],
+                ids=["explicit", "auto"])
+def default_axis_type(request, monkeypatch):
+  """Every test here runs on both axis types: Explicit (jax.make_mesh's
+  default) and Auto; a test asking for one type gets it."""
+  monkeypatch.setattr(make_mesh, "__defaults__", (request.param,))
+  return request.param
+
+
 def make_mesh(axis_types=AxisType.Explicit):
   return jax.make_mesh((2, 4), ("data", "model"),
                        axis_types=(axis_types, axis_types))
@@ -58,15 +68,10 @@ def param_shardings(mesh):
 
 
 def state_shardings(tx, params, mesh):
-  """Shardings for tx.init(params) on an Explicit mesh (jax.make_mesh's
-  default). Lowering `init` (no compilation, no computation; params may be
-  `jax.ShapeDtypeStruct`s) gives what `jax.eval_shape` gives plus concrete
-  shardings with memory kinds (the anchor of anchor_on_host=True lives in
-  pinned_host memory). Scalars (counts, per-leaf statistics) carry none and
-  are replicated."""
-  with jax.set_mesh(mesh):
-    out = jax.jit(tx.init).lower(params).out_info
-  return jax.tree.map(lambda a: a.sharding or NamedSharding(mesh, P()), out)
+  """The library's recipe, on any mesh: params-shaped state like params, the
+  anchor of anchor_on_host=True in pinned_host memory, the rest replicated."""
+  del mesh
+  return spd_optax.state_shardings(tx, params)
 
 
 def state_shardings_like_params(abstract_state, params, mesh):
@@ -125,9 +130,10 @@ def check_laid_out_like_params(state, params, psh, anchor_memory="device"):
       # not a replicated copy: each device holds only its shard
       shard_shape = psh[k].shard_shape(p.shape)
       assert all(s.data.shape == shard_shape for s in leaf.addressable_shards)
+  assert state.per_layer.sharding.is_fully_replicated
   for tree in (state.condition, state.ratio, state.deviation):
     for leaf in jax.tree.leaves(tree):
-      assert leaf.shape == () and leaf.sharding.is_fully_replicated
+      assert leaf.shape == ()
 
 
 def collectives(hlo: str) -> dict[str, list[int]]:
@@ -316,8 +322,9 @@ def test_flax_nnx_sharded_optimizer():
   bias = model.body.bias[...]
   assert st.anchor["body"]["bias"][...].sharding.is_equivalent_to(bias.sharding, 1)
   np.testing.assert_array_equal(st.anchor["body"]["kernel"][...], kernel0)
-  for leaf in jax.tree.leaves(nnx_pure(st.condition)):
-    assert leaf.shape == () and leaf.sharding.is_fully_replicated
+  assert st.per_layer[...].sharding.is_fully_replicated
+  for leaf in jax.tree.leaves(st.condition):
+    assert leaf.shape == ()
 
 
 def nnx_pure(tree):
@@ -359,7 +366,7 @@ def test_stacked_layers_sharded_along_layer_axis():
   ssh = optax.tree_map_params(tx, lambda _, s: s, abstract, psh,
                               transform_non_params=lambda _: replicated)
   assert ssh.anchor == psh and ssh.inner_state[0].mu == psh
-  assert ssh.condition == replicated
+  assert ssh.per_layer == replicated
   state = jax.jit(tx.init, out_shardings=ssh)(params)
   for k in params:
     assert state.anchor[k].sharding.is_equivalent_to(psh[k], params[k].ndim)
@@ -442,3 +449,42 @@ def test_donated_sharded_steps_make_no_host_transfer(layered):
   # Control: the guard does catch a host transfer in this setting.
   with jax.transfer_guard("disallow"), pytest.raises(Exception, match="[Dd]isallowed"):
     step(params, state, grads[0])
+
+
+# --- anchor_on_host through the recipes ---------------------------------------
+
+def test_state_shardings_keep_a_host_anchor_on_host():
+  """The library's recipe keeps the anchor in pinned_host memory on either
+  axis type; optax.tree_map_params gives it device memory, and update says
+  so instead of silently using the device memory it was meant to save."""
+  tx = spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK, anchor_on_host=True)
+  mesh = make_mesh()
+  psh = param_shardings(mesh)
+  params = jax.device_put(host_params(), psh)
+  ssh = spd_optax.state_shardings(tx, params)
+  state = jax.jit(tx.init, out_shardings=ssh)(params)
+  check_laid_out_like_params(state, params, psh, anchor_memory="pinned_host")
+  step = jax.jit(make_step(tx), donate_argnums=(0, 1), out_shardings=(psh, ssh))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for t in range(STEPS):
+      params, state = step(params, state, jax.device_put(host_grads(t), psh))
+  check_laid_out_like_params(state, params, psh, anchor_memory="pinned_host")
+  want_params, _ = unsharded_run(spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK))
+  chex.assert_trees_all_close(jax.device_get(params), jax.device_get(want_params),
+                              rtol=1e-5, atol=1e-6)
+
+  abstract = jax.eval_shape(tx.init, params)
+  lost = optax.tree_map_params(tx, lambda _, s: s, abstract, psh,
+                               transform_non_params=lambda _: NamedSharding(mesh, P()),
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  state = jax.jit(tx.init, out_shardings=lost)(jax.device_put(host_params(), psh))
+  assert state.anchor["w1"].sharding.memory_kind == "device"
+  with pytest.warns(UserWarning, match=r"anchor_on_host=True, but the anchor of params\['b'\] arrived in device memory.*spd_optax.state_shardings"):
+    jax.jit(make_step(tx))(jax.device_put(host_params(), psh), state,
+                           jax.device_put(host_grads(0), psh))
+
+
+def test_state_shardings_needs_a_mesh():
+  with pytest.raises(ValueError, match="no param carries a NamedSharding"):
+    spd_optax.state_shardings(spd_optax.adam_spd(0.1), host_params())

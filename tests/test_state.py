@@ -148,12 +148,14 @@ def test_anchor_on_host():
 def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
   # A leaf stacking L layers holds [L] values: each layer is one unit, as
   # if the layers were separate leaves.
-  f32 = lambda *v: jnp.asarray(v if len(v) > 1 else v[0], jnp.float32)
-  state = spd_optax.SPDState(
-      count=jnp.ones((), jnp.int32), inner_state=(), anchor=None,
-      condition={"blocks": f32(-1, 2, -3), "head": f32(-1), "b": optax.MaskedNode()},
-      ratio={"blocks": f32(0.5, 0, 0.25), "head": f32(0.0), "b": optax.MaskedNode()},
-      deviation={"blocks": f32(1, 2, 2), "head": f32(4), "b": optax.MaskedNode()})
+  params = {"b": jnp.zeros(3), "blocks": jnp.zeros((3, 2)), "head": jnp.zeros(2)}
+  tx = spd_optax.adam_spd(0.1, mask={"b": False, "blocks": True, "head": True},
+                          layer_axes={"b": None, "blocks": 0, "head": None})
+  # Columns: the three layers of 'blocks', then 'head' ('b' is masked off).
+  state = tx.init(params)._replace(per_layer=jnp.asarray(
+      [[-1, 2, -3, -1], [0.5, 0, 0.25, 0], [1, 2, 2, 4]], jnp.float32))
+  np.testing.assert_array_equal(state.ratio["blocks"], [0.5, 0, 0.25])
+  assert state.deviation["head"] == 4 and isinstance(state.ratio["b"], optax.MaskedNode)
   stats = jax.jit(spd_optax.spd_stats)(state)
   np.testing.assert_allclose(stats["decayed_fraction"], 2 / 4)
   np.testing.assert_allclose(stats["mean_ratio"], 0.75 / 4)

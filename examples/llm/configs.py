@@ -1,8 +1,7 @@
 """Presets for `python -m examples.llm.finetune --preset NAME`.
 
-`cpu` is sized to finish in under 15 minutes on a 2-core CPU (measured: one
-train step of 4 x 64 tokens with adapters in the top 8 of 30 blocks takes
-about 2.6 s there, an eval batch of the same size about 0.9 s). `smoke` runs
+`cpu` is sized to finish in under 15 minutes on a 2-core CPU (measured
+times: docs/examples/llm.md). `smoke` runs
 the real weights truncated to two blocks, for the tests. `gpu` is the same
 experiment at a size worth drawing conclusions from.
 """
@@ -70,9 +69,9 @@ class StudyConfig(Config):
 
 
 STUDY_PRESETS = {
-    # Sized from the `cpu` preset's measured costs on 2 CPU cores (2.6-3.9 s
-    # per train step of 4 x 64 tokens, about 1.8 s per eval batch of 8
-    # windows): 11 runs of 48 steps plus their evaluations, ~35 minutes.
+    # 11 runs of 48 steps plus their evaluations, sized from the `cpu`
+    # preset's costs on 2 CPU cores to fit 45 minutes (measured time:
+    # docs/examples/llm.md).
     "study": StudyConfig(
         lora_layers=8, eval_windows=64, seeds=(0, 1, 2), checkpoint_every=24,
         strengths={"adamw": (0.1, 1.0, 10.0), "adam_spd": (0.25, 0.5, 1.0)}),

@@ -27,7 +27,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import spd_optax
-from examples.common import Checkpointer, spd_log, write_report
+from examples.common import (Checkpointer, method_color, pyplot, save_figure, spd_log,
+                             strength_label, write_table)
 from examples.llm import configs, convert, data
 from examples.llm import tokenizer as tokenizer_lib
 from examples.llm.model import next_token_nll
@@ -215,40 +216,42 @@ def run_one(model, sets, cfg, method, strength, seed, steps, run_dir, resume, wi
 
   reset_adapters(model, seed)
   optimizer = nnx.Optimizer(model, make_tx(cfg, method, strength, steps), wrt=nnx.LoRAParam)
-  ckpt = Checkpointer(run_dir / "checkpoints")
-  start, history = 0, []
-  if resume and (last := ckpt.latest_step()) is not None:
-    _restore(ckpt, last, model, optimizer)
-    start = min(last, steps)
-    if (run_dir / "history.json").exists():
-      history = [h for h in json.loads((run_dir / "history.json").read_text())
-                 if h["step"] <= start]
-    print(f"{run_dir.name}: resuming at step {start}")
+  # One manager per run; leaving the block waits for a save in flight, so a
+  # stopped run resumes from its last checkpoint.
+  with Checkpointer(run_dir / "checkpoints") as ckpt:
+    start, history = 0, []
+    if resume and (last := ckpt.latest_step()) is not None:
+      _restore(ckpt, last, model, optimizer)
+      start = min(last, steps)
+      if (run_dir / "history.json").exists():
+        history = [h for h in json.loads((run_dir / "history.json").read_text())
+                   if h["step"] <= start]
+      print(f"{run_dir.name}: resuming at step {start}")
 
-  train = sets["train"]
-  t0 = time.time()
-  losses = []
-  bar = tqdm(range(start, steps), desc=f"{method} λ={strength} seed={seed}",
-             initial=start, total=steps)
-  for step in bar:
-    tokens = jnp.asarray(train[batch_indices(len(train), cfg.batch_size, step, seed)])
-    losses.append(float(train_step(model, optimizer, tokens)))
-    done = step + 1
-    if done % cfg.log_every == 0 or done == steps:
-      entry = {"step": done, "loss": float(np.mean(losses[-cfg.log_every:])),
-               **spd_log(optimizer.opt_state)}
-      entry["adapter_norm"], entry["delta_w_norm"] = adapter_norms(model)
-      history.append(entry)
-      bar.set_postfix(loss=f"{entry['loss']:.3f}", norm=f"{entry['adapter_norm']:.2f}")
-      tqdm.write(json.dumps({"run": run_dir.name, **entry}))
-      (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-    stopping = stop_after is not None and done >= stop_after and done < steps
-    if done % cfg.checkpoint_every == 0 or done == steps or stopping:
-      _save(ckpt, done, model, optimizer)
-    if stopping:
-      bar.close()
-      print(f"{run_dir.name}: stopped at step {done} of {steps}")
-      return None
+    train = sets["train"]
+    t0 = time.time()
+    losses = []
+    bar = tqdm(range(start, steps), desc=f"{method} λ={strength} seed={seed}",
+               initial=start, total=steps)
+    for step in bar:
+      tokens = jnp.asarray(train[batch_indices(len(train), cfg.batch_size, step, seed)])
+      losses.append(float(train_step(model, optimizer, tokens)))
+      done = step + 1
+      if done % cfg.log_every == 0 or done == steps:
+        entry = {"step": done, "loss": float(np.mean(losses[-cfg.log_every:])),
+                 **spd_log(optimizer.opt_state)}
+        entry["adapter_norm"], entry["delta_w_norm"] = adapter_norms(model)
+        history.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", norm=f"{entry['adapter_norm']:.2f}")
+        tqdm.write(json.dumps({"run": run_dir.name, **entry}))
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+      stopping = stop_after is not None and done >= stop_after and done < steps
+      if done % cfg.checkpoint_every == 0 or done == steps or stopping:
+        _save(ckpt, done, model, optimizer)
+      if stopping:
+        bar.close()
+        print(f"{run_dir.name}: stopped at step {done} of {steps}")
+        return None
   train_s = time.time() - t0
 
   metrics = evaluate(model, sets, cfg, with_val)
@@ -261,6 +264,31 @@ def run_one(model, sets, cfg, method, strength, seed, steps, run_dir, resume, wi
          "train_s": round(train_s, 1)}
   result_file.write_text(json.dumps({"row": row, "history": history}, indent=1))
   return row
+
+
+def plot_perplexity(rows, key, label, title, path):
+  """Perplexity against the weight change the adapters make, one point per
+  run; a marker per strength within a method. Takes the rows of llm.json,
+  so it can be redrawn from saved results."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.6))
+  markers = "os^Dv"
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["method"], r.get("strength")), []).append(r)
+  per_method = {}
+  for (method, strength), runs in groups.items():
+    k = per_method[method] = per_method.get(method, -1) + 1
+    ax.scatter([r["delta_w_norm"] for r in runs], [r[key] for r in runs], s=40, alpha=0.85,
+               marker=markers[k % len(markers)], color=method_color(method),
+               label=strength_label(method, strength)
+               + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+  ax.set(xlabel="‖ΔW‖ = (Σ ‖A·B‖²)^½, the weight change the adapters make",
+         ylabel=f"{label}; lower is better")
+  ax.set_title(f"{title}: one point per run", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
 
 
 def mark_selected(rows):
@@ -334,11 +362,13 @@ def main(argv=None):
   mark_selected(rows)
 
   columns = [c for c in COLUMNS if with_val or c not in ("val_ppl", "selected")]
-  title = f"SmolLM2-135M LoRA on KJV ({args.preset} preset)"
-  write_report(results_dir, "llm", rows, columns=columns, plot_x="adapter_norm",
-               plot_y="id_ppl", title=title)
-  write_report(results_dir, "llm_pydoc", rows, columns=columns, plot_x="adapter_norm",
-               plot_y="pydoc_ppl", title=title)
+  title = f"SmolLM2-135M LoRA on KJV, {args.preset} preset"
+  rows = write_table(results_dir, "llm", rows, columns)
+  write_table(results_dir, "llm_pydoc", rows, columns)
+  plot_perplexity(rows, "id_ppl", "ID perplexity (held-out chapters)", title,
+                  results_dir / "llm.png")
+  plot_perplexity(rows, "pydoc_ppl", "pydoc perplexity (general text)", title,
+                  results_dir / "llm_pydoc.png")
   print((results_dir / "llm.md").read_text())
   print(f"total {time.time() - t0:.0f}s")
   return rows

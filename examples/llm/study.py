@@ -26,15 +26,16 @@ from tqdm import tqdm
 
 import spd_optax
 from examples import stats
-from examples.common import Checkpointer, _markdown_table, machine, spd_log
+from examples.common import (Checkpointer, _markdown_table, machine, method_color, method_name,
+                             spd_log)
 from examples.llm import convert
 from examples.llm.finetune import (_restore, _save, adapter_norms, batch_indices, load_base,
                                    make_datasets, reset_adapters, train_step)
 from examples.llm.model import window_nll
 
-NAMES = {"pretrained": "pre-trained", "adam": "Adam", "adamw": "AdamW", "adam_spd": "Adam-SPD"}
-COLORS = {"pretrained": "tab:gray", "adam": "tab:orange", "adamw": "tab:blue",
-          "adam_spd": "tab:red"}
+NAMES = {k: method_name(k) for k in ("pretrained", "adam", "adamw", "adam_spd")}
+# One colour per method in every figure of both examples (examples/common.py).
+COLORS = {k: method_color(k) for k in NAMES}
 TUNED = ("adamw", "adam_spd")
 TEST_SETS = ("id", "pydoc")
 
@@ -123,29 +124,30 @@ class Study:
                               wrt=nnx.LoRAParam)
     optimizer.opt_state.hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
     ckpt_dir = self.dir / "checkpoints" / name
-    ckpt = Checkpointer(ckpt_dir)
-    start, history = 0, []
-    if (last := ckpt.latest_step()) is not None:
-      _restore(ckpt, last, self.model, optimizer)
-      start = last
-      history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= last]
-    train = self.sets["train"]
-    t = time.perf_counter()
-    losses = []
-    for step in tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps):
-      tokens = jnp.asarray(train[batch_indices(len(train), cfg.batch_size, step, seed)])
-      losses.append(float(train_step(self.model, optimizer, tokens)))
-      done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        history.append({"step": done, "loss": float(np.mean(losses[-cfg.log_every:])),
-                        **spd_log(optimizer.opt_state)})
-      stopping = self.args.stop_after is not None and done >= self.args.stop_after
-      if (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
-        _save(ckpt, done, self.model, optimizer)
-        (ckpt_dir / "history.json").write_text(json.dumps(history))
-      if stopping and done < cfg.steps:
-        self.seconds["train"] += time.perf_counter() - t
-        raise Stopped(f"{name} stopped at step {done} (--stop-after)")
+    # One manager per run; leaving the block waits for a save in flight.
+    with Checkpointer(ckpt_dir) as ckpt:
+      start, history = 0, []
+      if (last := ckpt.latest_step()) is not None:
+        _restore(ckpt, last, self.model, optimizer)
+        start = last
+        history = [h for h in json.loads((ckpt_dir / "history.json").read_text()) if h["step"] <= last]
+      train = self.sets["train"]
+      t = time.perf_counter()
+      losses = []
+      for step in tqdm(range(start, cfg.steps), desc=name, initial=start, total=cfg.steps):
+        tokens = jnp.asarray(train[batch_indices(len(train), cfg.batch_size, step, seed)])
+        losses.append(float(train_step(self.model, optimizer, tokens)))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+          history.append({"step": done, "loss": float(np.mean(losses[-cfg.log_every:])),
+                          **spd_log(optimizer.opt_state)})
+        stopping = self.args.stop_after is not None and done >= self.args.stop_after
+        if (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
+          _save(ckpt, done, self.model, optimizer)
+          (ckpt_dir / "history.json").write_text(json.dumps(history))
+        if stopping and done < cfg.steps:
+          self.seconds["train"] += time.perf_counter() - t
+          raise Stopped(f"{name} stopped at step {done} (--stop-after)")
     self.seconds["train"] += time.perf_counter() - t
     nll = self.nll((("val",) if with_val else ()) + TEST_SETS)
     norm, delta = adapter_norms(self.model)

@@ -44,16 +44,17 @@ PRESETS = {
         search_seed=0, seeds=(0,),
         strengths={"adamw": (0.1,), "l2sp": (1.0,), "spd": (1.0,)},
         eval_batch=32, log_every=2, checkpoint_every=2),
-    # The full ViT-S/14 on a 2x2 patch grid: about 15 minutes on 2 CPU cores.
+    # The full ViT-S/14 on a 2x2 patch grid, sized to finish within 15 minutes
+    # on 2 CPU cores (measured times: docs/examples/vit.md).
     "cpu": Config(
         image_size=28, num_layers=None, n_train=3500, n_val=250, n_test=250,
         n_digits=500, severities=(1, 3, 5), batch_size=16, steps=80,
         learning_rate=3e-5, head_lr_multiplier=10.0, warmup_steps=8, search_seed=0, seeds=(0, 1, 2),
         strengths=_STRENGTHS, eval_batch=250, log_every=10, checkpoint_every=40),
     # Same recipe at 112px (8x8 patches), all data, more steps and seeds.
-    # 600 steps and 3 corruption severities (a first plan had 1,500 and 5):
-    # on one H200, an AdamW run of 600 steps took 28-39 s plus 16 s for its
-    # OOD sets, so the 21 runs need about 20 minutes (docs/examples/vit.md).
+    # 600 steps and 3 corruption severities (a first plan had 1,500 and 5),
+    # to fit a GPU session; its one attempt did not finish (what it measured:
+    # docs/examples/vit.md).
     "gpu": Config(
         image_size=112, num_layers=None, n_train=3500, n_val=500, n_test=1000,
         n_digits=None, severities=(1, 3, 5), batch_size=64, steps=600,
@@ -95,9 +96,9 @@ class StudyConfig:
 
 
 STUDY_PRESETS = {
-    # 56 px (a 4x4 patch grid), all 12 blocks fine-tuned. Sized from measured
-    # costs on 2 CPU cores (docs/examples/vit.md): a step of batch 32 is
-    # 0.85 s, a forward pass over 1,000 images 6.7 s.
+    # 56 px (a 4x4 patch grid), all 12 blocks fine-tuned, sized to fit 45
+    # minutes on 2 CPU cores from the measured cost of a training step and of
+    # a forward pass per image (docs/examples/vit.md, "Where the time went").
     "study": StudyConfig(
         image_size=56, num_layers=None, n_train=3500, n_val=500, n_test=1000,
         n_ood=1000, corruption_severity=3, batch_size=16, steps=96,

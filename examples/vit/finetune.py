@@ -26,7 +26,9 @@ from flax import nnx
 from tqdm import tqdm
 
 import spd_optax
-from examples.common import Checkpointer, machine, spd_log, write_report
+from examples import stats
+from examples.common import (DEVIATION, STRENGTH_NAMES, Checkpointer, machine, method_color,
+                             pyplot, save_figure, spd_log, strength_label, write_table)
 from examples.vit import convert, data
 from examples.vit.configs import PRESETS, STUDY_PRESETS, Config
 
@@ -222,42 +224,43 @@ class Experiment:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     optimizer.opt_state[0].hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
 
-    ckpt = Checkpointer(self.checkpoint_dir(name))
-    start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-      # Model and optimizer together: the optimizer state holds the anchors
-      # (SPD's, L2-SP's) and Adam's moments, all of which a resume needs.
-      state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
-      restored = ckpt.restore(latest, {k: nnx.to_pure_dict(v) for k, v in state.items()})
-      for key, module in (("model", model), ("opt", optimizer)):
-        nnx.replace_by_pure_dict(state[key], restored[key])
-        nnx.update(module, state[key])
-      start = latest
-      self.resumed[name] = latest
+    # Closed (its last save finished) before the run's files are read or removed.
+    with Checkpointer(self.checkpoint_dir(name)) as ckpt:
+      start = 0
+      latest = ckpt.latest_step()
+      if latest is not None:
+        # Model and optimizer together: the optimizer state holds the anchors
+        # (SPD's, L2-SP's) and Adam's moments, all of which a resume needs.
+        state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
+        restored = ckpt.restore(latest, {k: nnx.to_pure_dict(v) for k, v in state.items()})
+        for key, module in (("model", model), ("opt", optimizer)):
+          nnx.replace_by_pure_dict(state[key], restored[key])
+          nnx.update(module, state[key])
+        start = latest
+        self.resumed[name] = latest
 
-    log_file = self.checkpoint_dir(name) / "history.json"
-    history = []
-    if path.exists():
-      history = json.loads(path.read_text())["history"]
-    elif start and log_file.exists():
-      history = [h for h in json.loads(log_file.read_text()) if h["step"] <= start]
-    if start < cfg.steps:
-      for step, bar in training_steps(self, name, start, cfg.steps):
-        idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
-        loss = train_step(model, optimizer, self.train[0][idx], self.train[1][idx])
-        self.steps_taken += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-          row = {"step": done, "loss": float(loss),
-                 "deviation": float(distance(backbone_params(model), self.anchor)),
-                 **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
-          history.append(row)
-          bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-          ckpt.save(done, {"model": nnx.to_pure_dict(nnx.state(model)),
-                           "opt": nnx.to_pure_dict(nnx.state(optimizer))})
-          log_file.write_text(json.dumps(history))
+      log_file = self.checkpoint_dir(name) / "history.json"
+      history = []
+      if path.exists():
+        history = json.loads(path.read_text())["history"]
+      elif start and log_file.exists():
+        history = [h for h in json.loads(log_file.read_text()) if h["step"] <= start]
+      if start < cfg.steps:
+        for step, bar in training_steps(self, name, start, cfg.steps):
+          idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
+          loss = train_step(model, optimizer, self.train[0][idx], self.train[1][idx])
+          self.steps_taken += 1
+          done = step + 1
+          if done % cfg.log_every == 0 or done == cfg.steps:
+            row = {"step": done, "loss": float(loss),
+                   "deviation": float(distance(backbone_params(model), self.anchor)),
+                   **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
+            history.append(row)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"})
+          if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            ckpt.save(done, {"model": nnx.to_pure_dict(nnx.state(model)),
+                             "opt": nnx.to_pure_dict(nnx.state(optimizer))})
+            log_file.write_text(json.dumps(history))
 
     record = {
         "method": METHODS[method], "key": method, "strength": strength, "seed": seed,
@@ -314,24 +317,148 @@ def write_reports(results_dir, searches, finals, cfg: Config, preset: str):
   per_run = [{k: v for k, v in r.items() if k not in ("history", "ood")} | r["ood"]
              for r in finals]
   common = ["method", "strength"]
-  write_report(results_dir, "vit", per_run,
-               columns=common + ["seed", "val_acc", "id_acc", "ood_mean", "deviation"],
-               plot_x="deviation", plot_y="ood_mean",
-               title=f"ViT-S/14 on MNIST-5k ({preset}): OOD accuracy vs ‖θ-θ₀‖")
-  summary = summarise(finals)
-  write_report(results_dir, "vit_summary", summary,
-               columns=common + ["seeds", "id_acc", "id_std", "ood_mean", "ood_std", "deviation"],
-               plot_x="id_acc", plot_y="ood_mean",
-               title=f"ViT-S/14 on MNIST-5k ({preset}): mean over {len(cfg.seeds)} seeds")
-  write_report(results_dir, "vit_shifts", summary, columns=["method"] + shifts,
-               plot_x="deviation", plot_y="ood_mean", title="per-shift accuracy (mean over seeds)")
-  search_rows = [{k: v for k, v in r.items() if k in ("method", "strength", "seed", "val_acc", "deviation")}
-                 for r in searches]
-  write_report(results_dir, "vit_search", search_rows,
-               columns=common + ["seed", "val_acc", "deviation"],
-               plot_x="deviation", plot_y="val_acc",
-               title="strength search (ID validation only)")
+  per_run = write_table(results_dir, "vit", per_run,
+                        common + ["seed", "val_acc", "id_acc", "ood_mean", "deviation"])
+  summary = write_table(results_dir, "vit_summary", summarise(finals),
+                        common + ["seeds", "id_acc", "id_std", "ood_mean", "ood_std", "deviation"])
+  write_table(results_dir, "vit_shifts", summary, ["method"] + shifts)
+  search_rows = write_table(
+      results_dir, "vit_search",
+      [{k: v for k, v in r.items() if k in ("method", "strength", "seed", "val_acc", "deviation")}
+       for r in searches], common + ["seed", "val_acc", "deviation"])
+  title = f"ViT-S/14 on MNIST-5k, {preset} preset"
+  d = pathlib.Path(results_dir)
+  plot_runs(per_run, title, d / "vit.png")
+  plot_summary(summary, title, d / "vit_summary.png")
+  plot_shifts(per_run, shifts, title, d / "vit_shifts.png")
+  plot_search(search_rows, {r["method"]: r["strength"] for r in finals}, cfg.n_val, title,
+              d / "vit_search.png")
   return summary
+
+
+# ------------------------------------------------------------------ figures
+# They take the rows of the tables above (the .json files), so a figure can
+# be redrawn from a run's results without running it again.
+
+def _by_method(rows):
+  return {m: [r for r in rows if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rows)}
+
+
+def plot_runs(rows, title, path):
+  """Every final run: ID and mean OOD accuracy against the distance moved."""
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+  for ax, key, label in zip(axes, ("id_acc", "ood_mean"),
+                            ("ID test accuracy (%)", "mean OOD accuracy (%, all shifted sets)")):
+    for method, runs in _by_method(rows).items():
+      ax.scatter([r["deviation"] for r in runs], [r[key] for r in runs], s=36, alpha=0.85,
+                 color=method_color(method), label=strength_label(method, runs[0]["strength"]))
+    ax.set(xlabel=DEVIATION, ylabel=label)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{title}: one point per seed", fontsize=10)
+  save_figure(fig, path)
+
+
+def plot_summary(summary, title, path):
+  """ID against mean OOD accuracy per method, mean ± std over seeds."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6, 5.2))
+  for r in summary:
+    ax.errorbar([r["id_acc"]], [r["ood_mean"]], xerr=[r["id_std"]], yerr=[r["ood_std"]],
+                fmt="o", ms=7, capsize=4, color=method_color(r["method"]),
+                label=f"{strength_label(r['method'], r['strength'])}, ‖θ − θ₀‖ {r['deviation']:.2f}")
+  ax.set(xlabel="ID test accuracy (%)", ylabel="mean OOD accuracy (%)")
+  ax.set_title(f"{title}: mean ± std over {int(summary[0]['seeds'])} seeds", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+  save_figure(fig, path)
+
+
+def plot_shifts(rows, shifts, title, path):
+  """Accuracy per corruption against its severity, and on the other shifted
+  sets; mean over the rows of a method, bars ± std when it has several."""
+  plt = pyplot()
+  kinds = {}                                    # "blur" -> [(1, "blur-1"), ...]
+  others = []
+  for shift in shifts:
+    kind, _, severity = shift.rpartition("-")
+    if kind and severity.isdigit():
+      kinds.setdefault(kind, []).append((int(severity), shift))
+    else:
+      others.append(shift)
+  panels = list(kinds) + (["other sets"] if others else [])
+  cols = min(3, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), sharey=True,
+                           squeeze=False)
+  methods = _by_method(rows)
+  for ax, panel in zip(axes.flat, panels):
+    for k, (method, runs) in enumerate(methods.items()):
+      acc = lambda shift: np.array([r[shift] for r in runs])
+      std = lambda shift: acc(shift).std() if len(runs) > 1 else 0.0
+      if panel in kinds:
+        x = [sev for sev, _ in kinds[panel]]
+        y = [acc(shift).mean() for _, shift in kinds[panel]]
+        err = [std(shift) for _, shift in kinds[panel]]
+      else:   # one x position per set, the methods side by side
+        x = [i + (k - (len(methods) - 1) / 2) * 0.15 for i in range(len(others))]
+        y = [acc(shift).mean() for shift in others]
+        err = [std(shift) for shift in others]
+      ax.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3,
+                  ls="-" if panel in kinds else "none", color=method_color(method),
+                  label=strength_label(method, runs[0]["strength"]))
+    if panel in kinds:
+      ax.set(title=panel.replace("_", " "), xlabel="severity (1 mild … 5 strong)",
+             xticks=[sev for sev, _ in kinds[panel]])
+    else:
+      ax.set(title="other shifted sets", xticks=range(len(others)),
+             xticklabels=[o.replace("_", " ") for o in others], xlim=(-0.6, len(others) - 0.4))
+    ax.grid(alpha=0.3)
+  for ax in axes[:, 0]:
+    ax.set_ylabel("accuracy (%)")
+  for ax in list(axes.flat)[len(panels):]:
+    ax.set_visible(False)
+  axes.flat[0].legend(fontsize=7)
+  some = next(iter(methods.values()))
+  spread = f"mean ± std over {len(some)} seeds" if len(some) > 1 else "mean over seeds"
+  fig.suptitle(f"{title}: accuracy per shift and severity ({spread})", fontsize=10)
+  save_figure(fig, path)
+
+
+def plot_search(rows, chosen, n_val, title, path):
+  """Each method's strength search: ID validation accuracy and distance moved
+  against the strength (its own scale per method); the chosen one ringed."""
+  plt = pyplot()
+  methods = _by_method(rows)
+  fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 5.6), sharex="col",
+                           squeeze=False)
+  for col, (method, runs) in enumerate(methods.items()):
+    runs = sorted(runs, key=lambda r: r["strength"])
+    x = [r["strength"] for r in runs]
+    color = method_color(method)
+    top, bottom = axes[0, col], axes[1, col]
+    val = [r["val_acc"] for r in runs]
+    top.errorbar(x, val, yerr=[stats.binomial_halfwidth(v, n_val) for v in val],
+                 marker="o", capsize=3, color=color)
+    bottom.plot(x, [r["deviation"] for r in runs], "o-", color=color)
+    for ax, ys in ((top, val), (bottom, [r["deviation"] for r in runs])):
+      for xi, yi in zip(x, ys):
+        if xi == chosen.get(method):
+          ax.scatter([xi], [yi], s=160, facecolors="none", edgecolors="k", zorder=3,
+                     label="chosen" if ax is top else None)
+      ax.set_xscale("log")
+      ax.grid(alpha=0.3)
+    top.set_title(method, color=color)
+    bottom.set_xticks(x, [f"{v:g}" for v in x])
+    bottom.minorticks_off()
+    bottom.set_xlabel(f"{STRENGTH_NAMES.get(method, 'strength')} (log scale)")
+  axes[0, 0].set_ylabel(f"ID validation accuracy (%)\nbars: 95% over {n_val} images")
+  axes[1, 0].set_ylabel(DEVIATION.replace(" (", "\n("))
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(f"{title}: strength search (seed {int(rows[0]['seed'])}, chosen on ID validation)",
+               fontsize=10)
+  save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- main

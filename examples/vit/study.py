@@ -26,17 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from examples.common import Checkpointer, spd_log
+from examples.common import Checkpointer, method_color, method_name, spd_log
 from examples.vit import data
 from examples.vit.finetune import (backbone_params, batch_indices, batched, make_optimizer,
                                    predict, training_steps)
 from spd_optax.state import spd_states_with_paths
 
-NAMES = {"probe": "Linear probe", "adam": "Adam", "adamw": "AdamW", "l2sp": "L2-SP",
-         "spd": "Adam-SPD"}
-# One colour per method in every figure.
-COLORS = {"probe": "tab:gray", "adam": "tab:orange", "adamw": "tab:blue",
-          "l2sp": "tab:green", "spd": "tab:red"}
+NAMES = {k: method_name(k) for k in ("probe", "adam", "adamw", "l2sp", "spd")}
+# One colour per method in every figure of both examples (examples/common.py).
+COLORS = {k: method_color(k) for k in NAMES}
 TUNED = ("adamw", "l2sp", "spd")
 OOD_SETS = ("corrupt", "digits", "fonts")
 EVAL_SETS = ("test", *OOD_SETS)   # ID test, then the OOD sets
@@ -255,44 +253,49 @@ class Study:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     optimizer.opt_state[0].hyperparams["strength"][...] = jnp.asarray(strength, jnp.float32)
     ckpt_dir = self.dir / "checkpoints" / name
-    start, history = self._restore(name, ckpt_dir, model, optimizer)
-    val_curve = key == "adam" and seed == cfg.seeds[0]
+    # One manager per run; leaving the block waits for a save in flight,
+    # so an interrupted run resumes from its last checkpoint.
+    with Checkpointer(ckpt_dir) as ckpt:
+      start, history = self._restore(name, ckpt, model, optimizer)
+      val_curve = key == "adam" and seed == cfg.seeds[0]
 
-    for step, _ in training_steps(self, name, start, cfg.steps):
-      idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
-      # A jitted function's first call per optimizer compiles: timed apart.
-      first = key not in self.compiled
-      self.compiled.add(key)
-      t = time.perf_counter()
-      loss, grads = grad_step(model, self.train[0][idx], self.train[1][idx])
-      jax.block_until_ready(grads)
-      self.timer.add("compile (first steps)" if first else "forward/backward", t)
-      t = time.perf_counter()
-      apply_step(model, optimizer, grads)
-      jax.block_until_ready(nnx.state(model))
-      self.timer.add("compile (first steps)" if first else "optimizer step", t)
-      self.steps_taken += 1
-      done = step + 1
-      # The validation curve has its own period: a multiple of log_every
-      # would otherwise be needed for it to be read at all.
-      val_due = val_curve and done % cfg.val_curve_every == 0
-      if done % cfg.log_every == 0 or done == cfg.steps or val_due:
+      for step, _ in training_steps(self, name, start, cfg.steps):
+        idx = batch_indices(len(self.train[0]), cfg.batch_size, seed, step)
+        # A jitted function's first call per optimizer compiles: timed apart.
+        first = key not in self.compiled
+        self.compiled.add(key)
         t = time.perf_counter()
-        row = {"step": done, "loss": float(loss),
-               **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
-        if key in ("spd", "adam"):
-          row["spd_blocks"] = spd_per_block(optimizer.opt_state)
-        self.timer.add("logging", t)
-        if val_due:   # timed as evaluation by predictions(), not twice
-          row["val_acc"] = self.accuracy(self.predictions(model, ["val"])["val"], "val")
-        history.append(row)
-      if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        loss, grads = grad_step(model, self.train[0][idx], self.train[1][idx])
+        jax.block_until_ready(grads)
+        self.timer.add("compile (first steps)" if first else "forward/backward", t)
         t = time.perf_counter()
-        ckpt = Checkpointer(ckpt_dir)
-        ckpt.save(done, {"model": nnx.to_pure_dict(nnx.state(model)),
-                         "opt": nnx.to_pure_dict(nnx.state(optimizer))})
-        (ckpt_dir / "history.json").write_text(json.dumps(history))
-        self.timer.add("checkpoints", t)
+        apply_step(model, optimizer, grads)
+        jax.block_until_ready(nnx.state(model))
+        self.timer.add("compile (first steps)" if first else "optimizer step", t)
+        self.steps_taken += 1
+        done = step + 1
+        # The validation curve has its own period: a multiple of log_every
+        # would otherwise be needed for it to be read at all.
+        val_due = val_curve and done % cfg.val_curve_every == 0
+        if done % cfg.log_every == 0 or done == cfg.steps or val_due:
+          t = time.perf_counter()
+          row = {"step": done, "loss": float(loss),
+                 **{f"spd_{k}": v for k, v in spd_log(optimizer.opt_state).items()}}
+          if key in ("spd", "adam"):
+            row["spd_blocks"] = spd_per_block(optimizer.opt_state)
+          self.timer.add("logging", t)
+          if val_due:   # timed as evaluation by predictions(), not twice
+            row["val_acc"] = self.accuracy(self.predictions(model, ["val"])["val"], "val")
+          history.append(row)
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+          t = time.perf_counter()
+          ckpt.save(done, {"model": nnx.to_pure_dict(nnx.state(model)),
+                           "opt": nnx.to_pure_dict(nnx.state(optimizer))})
+          (ckpt_dir / "history.json").write_text(json.dumps(history))
+          self.timer.add("checkpoints", t)
+      t = time.perf_counter()
+      ckpt.wait()   # for the last save, written while training went on
+      self.timer.add("checkpoints", t)
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if with_val:
@@ -328,9 +331,8 @@ class Study:
     model.head.kernel[...] = jnp.asarray(head["kernel"], jnp.float32)
     model.head.bias[...] = jnp.asarray(head["bias"], jnp.float32)
 
-  def _restore(self, name, ckpt_dir, model, optimizer):
-    ckpt = Checkpointer(ckpt_dir) if ckpt_dir.exists() else None
-    latest = ckpt.latest_step() if ckpt else None
+  def _restore(self, name, ckpt, model, optimizer):
+    latest = ckpt.latest_step()
     if latest is None:
       return 0, []
     state = {"model": nnx.state(model), "opt": nnx.state(optimizer)}
@@ -339,7 +341,7 @@ class Study:
       nnx.replace_by_pure_dict(state[key], restored[key])
       nnx.update(module, state[key])
     self.resumed[name] = latest
-    history = json.loads((ckpt_dir / "history.json").read_text())
+    history = json.loads((ckpt.directory / "history.json").read_text())
     return latest, [h for h in history if h["step"] <= latest]
 
   # --------------------------------------------------------------- frontier

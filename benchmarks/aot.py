@@ -1,0 +1,589 @@
+"""Compile-only structure of one optimizer step on XLA:TPU and XLA:GPU targets.
+
+COMPILER COUNTS AND ESTIMATES, NOT TIMINGS. Nothing here runs on an
+accelerator: each step is compiled for a TPU topology (libtpu) or an H200
+target description (the CUDA plugin) on a CPU-only machine, and what is
+reported is read off the compiler's optimized HLO, its memory analysis and,
+on TPU, its own cost model (``estimated_cycles``).
+
+  # TPU (a venv with jax[tpu]; see ../shared/targets/README.md)
+  python benchmarks/aot.py --target tpu
+  # GPU (a venv with jax[cuda13]; run with JAX_PLATFORMS=cpu)
+  JAX_PLATFORMS=cpu python benchmarks/aot.py --target gpu
+
+Each optimizer is compiled as one donated ``params, state = step(params,
+grads, state)``. Per set and optimizer it reports, from the entry
+computation of the optimized HLO:
+
+- fusions per leaf (``fusion`` instructions; "large" ones touch arrays of
+  more than 64 elements, the rest compute per-layer values), and kernels per
+  leaf (fusions, copies, custom calls, collectives and unfused compute on
+  arrays, not the scalar unit's work);
+- words per parameter: each kernel's distinct operands plus its outputs, in
+  bytes, over (parameters per device × the params' itemsize). Memory-space
+  prefetches (TPU VMEM) and host transfers are not kernels and are reported
+  on their own;
+- param-sized copies: ``copy`` (or a same-memory-space ``copy-start``) of an
+  array as large as the smallest matrix leaf;
+- arrays in and out of the entry computation, per leaf;
+- XLA:TPU's estimated cycles: the sum of ``estimated_cycles`` over the
+  entry computation (TPU only);
+- peak device memory per device: ``memory_analysis()``'s
+  ``peak_memory_in_bytes`` where it has one (XLA:TPU, XLA:GPU), else
+  arguments + outputs - aliased + temporaries.
+
+"naive SPD" is optax.adam plus SPD written per leaf as the reference writes
+it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
+"adam_spd host-anchor" keeps the anchor in pinned host memory
+(``anchor_on_host=True``); "host-anchor per-leaf" is the prototype of
+bringing it in leaf by leaf with `spd_optax.projection.anchor_to_device`.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import re
+import sys
+import time
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import optimizer_step  # noqa: E402
+import spd_optax  # noqa: E402
+from spd_optax import projection  # noqa: E402
+
+DISCLAIMER = ("compiler counts and estimates from compile-only builds, not "
+              "timings: nothing ran on an accelerator")
+# The H100/H200 target descriptions (../shared/targets from the checkout).
+TARGETS_DIR = pathlib.Path(os.environ.get(
+    "AOT_TARGETS_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "targets"))
+
+# --------------------------------------------------------------------------
+# Parameter sets
+
+
+def llama_blocks(n: int = 2) -> dict[str, tuple[int, ...]]:
+  """`n` blocks of benchmarks/optimizer_step.py's LLaMA-1B (d 2048, FFN 5504):
+  q/k/v/o, gate/up/down and the two norms, 9 leaves per block. The embedding
+  and head are left out: the block is the repeated unit and is cheap to
+  compile."""
+  full = optimizer_step.llama_1b_shapes()
+  return {k: s for k, s in full.items()
+          if (m := re.match(r"layer(\d+)/", k)) and int(m[1]) < n}
+
+
+def vit_blocks(n: int = 2) -> dict[str, tuple[int, ...]]:
+  """`n` blocks of ViT-B/16 (d 768, MLP 3072): qkv, proj, fc1, fc2 with
+  their biases and the two layer norms, 12 leaves per block."""
+  full = optimizer_step.vit_b16_shapes()
+  return {k: s for k, s in full.items()
+          if (m := re.match(r"block(\d+)/", k)) and int(m[1]) < n}
+
+
+# Two blocks of each model (and the same two stacked): every leaf shape of
+# the models' blocks, at a fraction of the compile time. The whole models
+# are there too, for a target that compiles fast.
+SETS = {
+    "vit_block": (vit_blocks, False),
+    "vit_block_stacked": (vit_blocks, True),
+    "llama_block": (llama_blocks, False),
+    "llama_block_stacked": (llama_blocks, True),
+    "vit_b16": (optimizer_step.vit_b16_shapes, False),
+    "vit_b16_stacked": (optimizer_step.vit_b16_shapes, True),
+    "llama_1b": (optimizer_step.llama_1b_shapes, False),
+    "llama_1b_stacked": (optimizer_step.llama_1b_shapes, True),
+}
+DEFAULT_SETS = ["vit_block", "vit_block_stacked", "llama_block", "llama_block_stacked"]
+
+
+def set_shapes(name):
+  """(shapes, layer_axes or None) of a set."""
+  make, stacked = SETS[name]
+  shapes = make()
+  if not stacked:
+    return shapes, None
+  return optimizer_step.stack_blocks(shapes)
+
+
+# --------------------------------------------------------------------------
+# Targets
+
+
+@dataclasses.dataclass
+class Target:
+  name: str
+  mesh: Mesh
+  platform: str
+  host_anchor: bool = False  # also compile the host-anchor variants
+
+  @property
+  def sharded(self) -> bool:
+    return self.mesh.devices.size > 1
+
+
+def tpu_target(topology: str, mesh_shape) -> Target:
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  devices = np.array(topo.devices)[:int(np.prod(mesh_shape))].reshape(mesh_shape)
+  label = topology if devices.size > 1 else f"{topology.split(':')[0]}:1 chip"
+  return Target(label, Mesh(devices, ("data", "model")), "tpu")
+
+
+def gpu_target(config: str = "h200") -> Target:
+  cfg = (TARGETS_DIR / f"{config}.txtpb").read_text()
+  topo = topologies.get_topology_desc(platform="cuda", target_config=cfg, topology="1x1x1")
+  mesh = topologies.make_mesh(topo, (1, 1), ("data", "model"))
+  return Target(f"{config.upper()} (1 GPU)", mesh, "gpu")
+
+
+def spec_for(shape, layer_axis, mesh) -> P:
+  """FSDP×TP: the last axis over "model", the one before it over "data",
+  where they divide; a stacked leaf's layer axis stays whole."""
+  spec = [None] * len(shape)
+  free = [i for i in range(len(shape)) if i != layer_axis]
+  for axis_name, pos in (("model", -1), ("data", -2)):
+    if len(free) >= -pos and shape[free[pos]] % mesh.shape[axis_name] == 0:
+      spec[free[pos]] = axis_name
+  return P(*spec)
+
+
+# --------------------------------------------------------------------------
+# Optimizers
+
+
+def naive_spd(lr, weight_decay):
+  return optimizer_step.naive_spd(lr, weight_decay)
+
+
+def prototype_host_anchor(lr, weight_decay, layer_axes):
+  """adam_spd's arithmetic with a host anchor brought to the device leaf by
+  leaf through `projection.anchor_to_device`: what the library's update is
+  to do. State: (adam state, host anchor)."""
+  inner = spd_optax.adam.scale_by_adam()
+  lr_tx = optax.scale_by_learning_rate(lr)
+
+  def init(params):
+    anchor = jax.tree.map(jnp.copy, params)
+    return inner.init(params), jax.device_put(anchor, jax.memory.Space.Host)
+
+  def update(grads, state, params):
+    u, inner_state = inner.update(grads, state[0], params)
+    u, _ = lr_tx.update(u, optax.EmptyState())
+    lam = jnp.asarray(weight_decay, jnp.float32)
+    names = list(params)
+    out, after = {}, None
+    for k in names:
+      ax = () if layer_axes is None or layer_axes[k] is None else (layer_axes[k],)
+      a = projection.anchor_to_device(state[1][k], after)
+      out[k], *_ = projection.project(grads[k], params[k], a, u[k], lam, ax)
+      after = out[k]
+    return out, (inner_state, state[1])
+
+  return optax.GradientTransformation(init, update)
+
+
+def optimizers(layer_axes, lr=1e-4, host_anchor=True):
+  """name -> optimizer for one set (`layer_axes` None when unstacked)."""
+  out = {
+      "optax.adamw": optax.adamw(lr, weight_decay=0.1),
+      "optax.adam": optax.adam(lr),
+      "naive SPD": naive_spd(lr, 1.0),
+      "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
+  }
+  if layer_axes is not None:
+    del out["naive SPD"]  # its sums are per leaf, not per layer
+  if host_anchor:
+    out["adam_spd host-anchor"] = spd_optax.adam_spd(
+        lr, weight_decay=1.0, layer_axes=layer_axes, anchor_on_host=True)
+    if hasattr(projection, "anchor_to_device"):
+      out["host-anchor per-leaf"] = prototype_host_anchor(lr, 1.0, layer_axes)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Candidate formulations, compiled in place of the library's: each names the
+# attributes of spd_optax.projection it replaces (benchmarks/NOTES.md).
+
+
+def _sums_two_stage(g, d, u, axes):
+  """The sums over all but the last reduced axis first, then the last."""
+  if len(axes) < 2:
+    return projection._sums_plain(g, d, u, axes)
+  first, last = axes[:-1], axes[-1] - len(axes[:-1])
+  part = lambda x: jax.lax.optimization_barrier(jnp.sum(x, axis=first))
+  return tuple(jnp.sum(part(x), axis=last) for x in (g * d, d * d, u * (2 * d + u)))
+
+
+CANDIDATES: dict[str, dict] = {
+    # v0.1's one variadic reduction of four sums, on every backend.
+    "variadic": {"_sums": lambda g, d, u, axes: projection._sums_cpu(g, d, u, axes)},
+    "two-stage sums": {"_sums": _sums_two_stage},
+}
+
+
+@contextlib.contextmanager
+def patched(module, **attrs):
+  old = {k: getattr(module, k) for k in attrs}
+  for k, v in attrs.items():
+    setattr(module, k, v)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      setattr(module, k, v)
+
+
+# --------------------------------------------------------------------------
+# Reading the optimized HLO
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+# Not kernels: bookkeeping, and moves between memory spaces (counted apart).
+_NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+                "copy-start", "copy-done", "after-all", "opt-barrier", "partition-id",
+                "replica-id", "iota", "all-reduce-done", "all-gather-done",
+                "collective-permute-done", "async-done", "async-update"}
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  type: str
+  op: str
+  operands: list[str]
+  rest: str
+
+
+def _split_type(s: str) -> tuple[str, str]:
+  """(the type at the start of `s`, what follows it)."""
+  if s.startswith("("):
+    depth = 0
+    for i, c in enumerate(s):
+      depth += c == "("
+      depth -= c == ")"
+      if depth == 0:
+        return s[:i + 1], s[i + 2:]
+  t, _, rest = s.partition(" ")
+  return t, rest
+
+
+def entry_instructions(text: str) -> list[Instr]:
+  """The instructions of the ENTRY computation of an HLO module's text."""
+  start = text.index("\nENTRY ")
+  body = text[text.index("{\n", start) + 2:text.index("\n}", start)]
+  out = []
+  for line in body.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)$", line)
+    if m is None:
+      continue
+    name, rest = m[1], m[2]
+    typ, rest = _split_type(rest)
+    op, _, rest = rest.partition("(")
+    depth, i = 1, 0
+    while depth and i < len(rest):
+      depth += rest[i] == "("
+      depth -= rest[i] == ")"
+      i += 1
+    args, tail = rest[:i - 1], rest[i:]
+    operands = re.findall(r"%([\w.\-]+)", args)
+    out.append(Instr(name, typ, op.strip(), operands, tail))
+  return out
+
+
+def arrays(typ: str) -> list[tuple[int, int, int]]:
+  """(elements, bytes, memory space) of each array in an HLO type."""
+  out = []
+  for dtype, dims, layout in _ARRAY.findall(typ):
+    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+    space = re.search(r"S\((\d+)\)", layout or "")
+    out.append((n, n * _DTYPE_BYTES[dtype], int(space[1]) if space else 0))
+  return out
+
+
+def nbytes(typ: str) -> int:
+  return sum(b for _, b, _ in arrays(typ))
+
+
+def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
+  """Counts over the entry computation; `leaf_elements` per device."""
+  instrs = entry_instructions(text)
+  by_name = {i.name: i for i in instrs}
+  matrices = [n for n in leaf_elements if n >= 4096] or leaf_elements
+  big = min(matrices)
+  space = lambda name: (arrays(by_name[name].type) or [(0, 0, 0)])[0][2] if name in by_name else 0
+  kinds = collections.Counter()
+  words_bytes = prefetch_bytes = host_bytes = 0
+  copies = []
+  cycles = 0
+  for ins in instrs:
+    m = re.search(r'"estimated_cycles":"(\d+)"', ins.rest)
+    cycles += int(m[1]) if m else 0
+    if ins.op in ("copy-start", "slice-start"):
+      # copy-start: (dst, src, context); slice-start: ((src), dst, context).
+      dst = arrays(ins.type)[0 if ins.op == "copy-start" else 1]
+      src_space = space(ins.operands[0])
+      if 5 in (src_space, dst[2]):  # S(5): host memory
+        host_bytes += dst[1]
+      elif src_space != dst[2]:  # HBM <-> VMEM: the consumer counts it
+        prefetch_bytes += dst[1]
+      else:  # a real copy within one memory space
+        kinds["copy"] += 1
+        words_bytes += 2 * dst[1]
+        copies += [dst[0]] if dst[0] >= big else []
+      continue
+    if ins.op in _NOT_KERNELS or ins.op == "slice-done" or (
+        ins.op == "custom-call" and "ConcatBitcast" in ins.rest):
+      continue
+    operands = [by_name[o] for o in dict.fromkeys(ins.operands) if o in by_name]
+    sizes = [n for o in operands for n, _, _ in arrays(o.type)] + [
+        n for n, _, _ in arrays(ins.type)]
+    if ins.op == "copy" and 5 in (space(ins.operands[0]), arrays(ins.type)[0][2]):
+      host_bytes += nbytes(ins.type)
+      continue
+    small = max(sizes, default=0) <= 64  # per-leaf or per-layer values, step counts
+    if small and ins.op != "fusion":  # unfused scalar work (the TPU's scalar unit)
+      kinds["scalar ops"] += 1
+      continue
+    kinds["small fusion" if small else ins.op] += 1
+    words_bytes += sum(nbytes(o.type) for o in operands) + nbytes(ins.type)
+    if ins.op == "copy" and arrays(ins.type)[0][0] >= big:
+      copies.append(arrays(ins.type)[0][0])
+  params = [i for i in instrs if i.op == "parameter"]
+  root = instrs[-1] if instrs else None
+  outs = len(arrays(root.type)) if root is not None else 0
+  leaves = len(leaf_elements)
+  n = sum(leaf_elements)
+  return {
+      "fusions_per_leaf": (kinds["fusion"] + kinds["small fusion"]) / leaves,
+      "large_fusions_per_leaf": kinds["fusion"] / leaves,
+      "kernels_per_leaf": (sum(kinds.values()) - kinds["scalar ops"]) / leaves,
+      "kernels": dict(kinds),
+      "words_per_param": words_bytes / (n * itemsize),
+      "param_sized_copies": len(copies),
+      "arrays_in_out_per_leaf": (len(params) + outs) / leaves,
+      "arrays_in": len(params), "arrays_out": outs,
+      "vmem_prefetch_words_per_param": prefetch_bytes / (n * itemsize),
+      "host_transfer_words_per_param": host_bytes / (n * itemsize),
+      "estimated_cycles": cycles or None,
+  }
+
+
+def memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  peak = getattr(m, "peak_memory_in_bytes", None) or (
+      m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+      + m.temp_size_in_bytes)
+  return {"peak_bytes": int(peak), "argument_bytes": int(m.argument_size_in_bytes),
+          "temp_bytes": int(m.temp_size_in_bytes),
+          "host_argument_bytes": int(m.host_argument_size_in_bytes),
+          "host_temp_bytes": int(m.host_temp_size_in_bytes)}
+
+
+# --------------------------------------------------------------------------
+# Compiling one step
+
+
+def abstract_tree(shapes, layer_axes, target, dtype):
+  def one(k, s):
+    ax = None if layer_axes is None else layer_axes[k]
+    spec = spec_for(s, ax, target.mesh) if target.sharded else P()
+    return jax.ShapeDtypeStruct(s, dtype, sharding=NamedSharding(target.mesh, spec))
+  return {k: one(k, s) for k, s in shapes.items()}
+
+
+def state_shardings(tx, params, target, host_anchor=False):
+  """optax's tree_map_params recipe (docs/scaling.md): params-shaped state
+  takes the params' shardings, the rest is replicated. A host anchor keeps
+  its memory kind."""
+  abstract = jax.eval_shape(tx.init, params)
+  psh = jax.tree.map(lambda p: p.sharding, params)
+  replicated = NamedSharding(target.mesh, P())
+  try:
+    ssh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract, psh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  except Exception:  # naive SPD / the prototype: (adam state, anchor)
+    adam = optax.tree_map_params(optax.adam(1e-4), lambda _, s: s,
+                                 abstract[0], psh,
+                                 transform_non_params=lambda _: replicated)
+    ssh = (adam, psh)
+  host = lambda s: s.with_memory_kind("pinned_host")
+  if host_anchor and hasattr(ssh, "anchor"):
+    ssh = ssh._replace(anchor=jax.tree.map(host, ssh.anchor))
+  elif host_anchor:
+    ssh = (ssh[0], jax.tree.map(host, ssh[1]))
+  # The shardings are a prefix of the state (one for all per-layer values).
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  return jax.tree.map(
+      lambda s, sub: jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
+      ssh, abstract, is_leaf=is_sharding)
+
+
+def compile_step(tx, params):
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 2))
+
+
+def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
+            host_anchor=False) -> dict:
+  params = abstract_tree(shapes, layer_axes, target, dtype)
+  state = state_shardings(tx, params, target, host_anchor)
+  t0 = time.perf_counter()
+  compiled = compile_step(tx, params).lower(params, params, state).compile()
+  seconds = time.perf_counter() - t0
+  text = compiled.as_text()
+  if hlo_path is not None:
+    hlo_path.write_text(text)
+  leaf_elements = [int(np.prod(p.sharding.shard_shape(p.shape))) for p in params.values()]
+  out = hlo_counts(text, leaf_elements, jnp.dtype(dtype).itemsize)
+  out |= memory(compiled)
+  out["state_arrays"] = len(jax.tree.leaves(state))
+  out["largest_leaf_bytes"] = max(leaf_elements) * jnp.dtype(dtype).itemsize
+  out["compile_s"] = round(seconds, 1)
+  return out
+
+
+def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
+  shapes, layer_axes = set_shapes(set_name)
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  txs = optimizers(layer_axes, host_anchor=target.host_anchor)
+  result = {"params": n, "leaves": len(shapes),
+            "layout": "sharded FSDP×TP" if target.sharded else "unsharded",
+            "optimizers": {}}
+  todo = [(name, tx, {}) for name, tx in txs.items()]
+  for cand in candidates:
+    todo.append((f"adam_spd [{cand}]", spd_optax.adam_spd(
+        1e-4, weight_decay=1.0, layer_axes=layer_axes), CANDIDATES[cand]))
+  for name, tx, patch in todo:
+    if only and name not in only and not name.startswith("adam_spd ["):
+      continue
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{target.name}_{set_name}_{name}")
+    hlo = None if hlo_dir is None else hlo_dir / f"{tag}.hlo.txt"
+    with patched(projection, **patch):
+      try:
+        r = analyse(tx, shapes, layer_axes, target, dtype, hlo,
+                    host_anchor="host-anchor" in name)
+      except Exception as e:  # e.g. RESOURCE_EXHAUSTED: report, go on
+        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    result["optimizers"][name] = r
+    print(f"  {name}: {summary(r)}", flush=True)
+  base = result["optimizers"].get("optax.adamw", {}).get("estimated_cycles")
+  for r in result["optimizers"].values():
+    if base and r.get("estimated_cycles"):
+      r["cycles_to_adamw"] = r["estimated_cycles"] / base
+  return result
+
+
+def summary(r) -> str:
+  if "error" in r:
+    return r["error"]
+  cyc = "" if r.get("estimated_cycles") is None else f", est. cycles {r['estimated_cycles']:,}"
+  return (f"fusions/leaf {r['fusions_per_leaf']:.2f}, words/param "
+          f"{r['words_per_param']:.2f}, copies {r['param_sized_copies']}, arrays/leaf "
+          f"{r['arrays_in_out_per_leaf']:.2f}, peak {r.get('peak_bytes', 0) / 2**20:.1f} MiB"
+          f"{cyc} ({r['compile_s']} s to compile)")
+
+
+def table(results) -> str:
+  lines = [f"Compile-only ({DISCLAIMER}).", "",
+           "| target | set | optimizer | est. cycles / adamw | fusions/leaf | "
+           "kernels/leaf | words/param | param-sized copies | arrays in+out/leaf | "
+           "peak MiB/device |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for tname, sets in results["targets"].items():
+    for sname, s in sets.items():
+      for oname, r in s["optimizers"].items():
+        if "error" in r:
+          lines.append(f"| {tname} | {sname} | {oname} | {r['error'][:60]} |" + " |" * 6)
+          continue
+        ratio = f"{r['cycles_to_adamw']:.2f}×" if r.get("cycles_to_adamw") else "–"
+        lines.append(
+            f"| {tname} | {sname} | {oname} | {ratio} | {r['fusions_per_leaf']:.2f} | "
+            f"{r['kernels_per_leaf']:.2f} | {r['words_per_param']:.2f} | "
+            f"{r['param_sized_copies']} | {r['arrays_in_out_per_leaf']:.2f} | "
+            f"{r.get('peak_bytes', 0) / 2**20:.1f} |")
+  return "\n".join(lines)
+
+
+def plan(target_kind, sets):
+  """(target, set names) pairs to compile."""
+  if target_kind == "tpu":
+    # Sharded v5e:2x2 for every set (with the host-anchor variants: the
+    # memory comparison is made there); one chip and a v5p pod slice for
+    # the LLaMA sets, to keep the run's compile time down.
+    v5e = tpu_target("v5e:2x2", (2, 2))
+    v5e.host_anchor = True
+    llama = [s for s in sets if s.startswith("llama")]
+    return [(v5e, sets), (tpu_target("v5p:4x4x4", (16, 4)), llama),
+            (tpu_target("v5e:2x2", (1, 1)), llama)]
+  return [(gpu_target("h200"), sets)]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--target", choices=["tpu", "gpu"])
+  parser.add_argument("--show", nargs="+", default=None, metavar="JSON",
+                      help="print the tables of results written before, and exit")
+  parser.add_argument("--sets", nargs="+", choices=SETS, default=DEFAULT_SETS)
+  parser.add_argument("--optimizers", nargs="+", default=None,
+                      help="compile only these (default: all)")
+  parser.add_argument("--candidates", nargs="*", default=[], choices=list(CANDIDATES))
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--json", default=None,
+                      help="default: benchmarks/results/aot_<target>.json")
+  parser.add_argument("--hlo-dir", default=None)
+  args = parser.parse_args(argv)
+  if args.show:
+    for path in args.show:
+      r = json.loads(pathlib.Path(path).read_text())
+      print(f"{path} (commit {r['commit']}, jax {r['jax']}):\n{table(r)}\n")
+    return
+  if args.target is None:
+    parser.error("--target is required")
+  hlo_dir = None if args.hlo_dir is None else pathlib.Path(args.hlo_dir)
+  if hlo_dir is not None:
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+  out = pathlib.Path(args.json or f"benchmarks/results/aot_{args.target}.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
+  results = {"note": DISCLAIMER, "kind": "compile-only", "target": args.target,
+             "jax": jax.__version__, "python": platform.python_version(),
+             "commit": commit, "library": str(pathlib.Path(spd_optax.__file__).parent),
+             "dtype": args.dtype, "targets": {}}
+  print(f"Compile-only, {args.target}: {DISCLAIMER}. jax {jax.__version__}, {args.dtype}.")
+  for target, sets in plan(args.target, args.sets):
+    for s in sets:
+      print(f"{target.name}, {s}:", flush=True)
+      results["targets"].setdefault(target.name, {})[s] = run_set(
+          s, target, jnp.dtype(args.dtype), hlo_dir, args.optimizers, args.candidates)
+  print()
+  print(table(results))
+  out.write_text(json.dumps(results, indent=2) + "\n")
+  print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+  main()

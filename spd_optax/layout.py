@@ -1,0 +1,114 @@
+"""The per-layer values in the state: one packed array, and what says which
+of its columns belong to which leaf.
+
+SPD keeps three values per layer (condition, ratio, deviation). Stored as
+trees like params, they are three arrays per leaf that every jitted step
+takes in and gives back, more than the leaf's own moments and anchor (on a
+GPU each array through the step costs time of its own). So they live in one
+``[3, units]`` array for the whole state, replicated on the params' mesh, and
+a static `Layout` (no arrays, part of the state's tree structure) says which
+columns are which leaf's, so the values can still be read by name.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from spd_optax import trees
+
+ROWS = ("condition", "ratio", "deviation")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where each leaf's per-layer values sit in the packed array.
+
+  Attributes:
+    treedef: the params' structure at ``init`` (nnx Variables as leaves).
+    keys: each leaf's key path (`trees.key`), to check params at ``update``.
+    shapes: per leaf, the shape of its layer axes (``()`` for one layer), or
+      None where SPD leaves the leaf alone (masked off).
+    anchor_on_host: whether the anchor is meant to live in host memory.
+  """
+  treedef: Any
+  keys: tuple
+  shapes: tuple
+  anchor_on_host: bool = False
+
+  @property
+  def units(self) -> int:
+    return sum(int(np.prod(s)) for s in self.shapes if s is not None)
+
+  def unpack(self, packed, row: int):
+    """Row `row` of the packed array as a tree like params: per leaf an
+    array of its layer shape, `optax.MaskedNode()` where masked off."""
+    packed = trees.unwrap(packed)
+    out, start = [], 0
+    for shape in self.shapes:
+      if shape is None:
+        out.append(optax.MaskedNode())
+        continue
+      n = int(np.prod(shape))
+      out.append(packed[row, start:start + n].reshape(shape))
+      start += n
+    return self.treedef.unflatten(out)
+
+
+def mesh_of(x):
+  """The (abstract) mesh in `x`'s type, or None: arrays on a mesh carry it
+  in their type, and on Explicit axes their sharding too."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return None if mesh is None or mesh.empty else mesh
+
+
+def explicit_mesh(x):
+  """The mesh of `x`'s type if it has Explicit axes, else None."""
+  mesh = mesh_of(x)
+  return mesh if mesh is not None and AxisType.Explicit in mesh.axis_types else None
+
+
+def zeros(layout: Layout, dtype, params_l) -> jax.Array:
+  """The packed array at ``init``: zeros, placed as `like_params` places."""
+  return like_params(jnp.zeros((len(ROWS), layout.units), dtype), params_l)
+
+
+def like_params(x, params_l):
+  """`x` replicated on the params' mesh, if they are on one: where a step
+  on those params returns it, so the state's types stay those of ``init``."""
+  for p in params_l:
+    if mesh_of(p) is not None:
+      return _replicated(x, p, constant=True)
+  return x
+
+
+def pack(columns: list, old) -> jax.Array:
+  """The per-leaf ``(condition, ratio, deviation)`` arrays as one array of
+  the type of `old` (the state's packed array before the step)."""
+  pieces = [jnp.stack([jnp.ravel(v).astype(old.dtype) for v in col])
+            for col in columns]
+  if explicit_mesh(old) is not None:
+    # Sums over a leaf sharded along its layer axis come out sharded; a
+    # type that changed across `update` breaks lax.scan carries, cond
+    # branches and the jit cache.
+    pieces = [_replicated(x, old) for x in pieces]
+  if not pieces:
+    return old
+  return jnp.concatenate(pieces, axis=1)
+
+
+def _replicated(x, like, constant=False):
+  if isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer):
+    mesh = explicit_mesh(like)
+    # Under jit, Auto axes leave placement to the compiler, and so does a
+    # jit outside jax.set_mesh for a constant (it may have no devices yet).
+    if mesh is None or (constant and jax.sharding.get_abstract_mesh().empty):
+      return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, P()))
+  # Outside jit the concrete mesh places the data.
+  return jax.device_put(x, NamedSharding(like.sharding.mesh, P()))

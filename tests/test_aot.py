@@ -1,0 +1,71 @@
+"""Compile-only structure of the adam_spd step on an XLA:TPU target
+(benchmarks/aot.py): deterministic compiler counts, not timings. Skipped
+where libtpu (jax[tpu]) is not installed."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+pytest.importorskip("libtpu", reason="compile-only XLA:TPU checks need libtpu (jax[tpu])")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import spd_optax  # noqa: E402
+from benchmarks import aot, optimizer_step  # noqa: E402
+
+# Two small blocks, sharded FSDP×TP on a v5e:2x2 slice.
+BLOCKS = {f"layer{i}/{n}": s for i in range(2)
+          for n, s in {"w": (512, 1024), "v": (1024, 512), "norm": (1024,)}.items()}
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  return aot.tpu_target("v5e:2x2", (2, 2))
+
+
+def sets():
+  stacked, layer_axes = optimizer_step.stack_blocks(BLOCKS)
+  return {"unstacked": (BLOCKS, None), "stacked": (stacked, layer_axes)}
+
+
+@pytest.mark.parametrize("layout", ["unstacked", "stacked"])
+def test_adam_spd_is_two_passes_without_copies(v5e, layout):
+  shapes, layer_axes = sets()[layout]
+  r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
+                  layer_axes, v5e, jnp.float32)
+  # Two passes over the leaf's data. The per-layer values (condition, ratio,
+  # deviation, written into the state's packed array) take small fusions
+  # besides: one per leaf, 10 per 3 stacked leaves, as compiled at the merge
+  # of main's packed state (benchmarks/NOTES.md). Fewer is better.
+  assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
+  small = r["fusions_per_leaf"] - r["large_fusions_per_leaf"]
+  assert small <= (1 if layout == "unstacked" else 10 / 3) + 1e-9, r["kernels"]
+  assert r["param_sized_copies"] == 0, r["kernels"]
+  # Pass 1 reads g, θ, θ_0, m, v and writes m, v; pass 2 reads θ, θ_0, m, v
+  # (or u) and writes θ: 12 words, the floor for an update that
+  # optax.apply_updates adds to θ (plus the per-layer scalars: < 0.1).
+  assert r["words_per_param"] < 12.1
+
+
+def test_arrays_in_and_out_are_the_steps_own(v5e):
+  tx = spd_optax.adam_spd(1e-3)
+  r = aot.analyse(tx, BLOCKS, None, v5e, jnp.float32)
+  state = jax.eval_shape(tx.init, {k: jax.ShapeDtypeStruct(s, jnp.float32)
+                                   for k, s in BLOCKS.items()})
+  assert r["state_arrays"] == len(jax.tree.leaves(state))
+  n = len(BLOCKS)
+  # Out: the params and the whole state (a donated anchor goes out as its
+  # own aliased buffer); nothing else.
+  assert r["arrays_out"] == n + r["state_arrays"]
+  # In: params, grads and the state, less inputs the step never reads.
+  assert r["arrays_in"] <= 2 * n + r["state_arrays"]
+
+
+def test_host_anchor_moved_per_leaf_lowers_the_peak(v5e):
+  on_device = aot.analyse(spd_optax.adam_spd(1e-3), BLOCKS, None, v5e, jnp.float32)
+  chained = aot.analyse(aot.prototype_host_anchor(1e-3, 1.0, None), BLOCKS, None, v5e,
+                        jnp.float32, host_anchor=True)
+  assert chained["host_argument_bytes"] > 0  # the anchor is an argument on the host
+  assert chained["peak_bytes"] < on_device["peak_bytes"]
