@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import spd_optax
 from spd_optax import checkpoint as spd_checkpoint
-from examples.common import machine, write_report
+from examples.common import machine, write_table
 from examples.llm import convert, full_configs, scan_model
 from examples.llm.finetune import batch_indices, make_datasets, mark_selected
 from examples.llm.full_train import (MATRICES, deviation_table, layer_values, make_eval,
@@ -218,6 +218,22 @@ def plot_heatmap(history, path, title):
   plt.close(fig)
 
 
+def plot_scatter(rows, path, x, y, title):
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for method in dict.fromkeys(r["method"] for r in rows):
+    pts = [r for r in rows if r["method"] == method]
+    ax.scatter([r[x] for r in pts], [r[y] for r in pts], label=method,
+               color=COLOURS.get(method, "#7f7f7f"))
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_block_deviation(devs, path, title):
   """devs: {label: [L] ‖θ − θ0‖ per block}; bars side by side per block."""
   plt = _plt()
@@ -324,8 +340,8 @@ def main(argv=None):
   chosen, diffs = paired_intervals(results, rows)
 
   title = f"SmolLM2-135M full fine-tuning on KJV ({args.preset} preset)"
-  write_report(results_dir, "llm_full", rows, columns=COLUMNS, plot_x="deviation",
-               plot_y="id_ppl", title=title)
+  write_table(results_dir, "llm_full", rows, COLUMNS)
+  plot_scatter(rows, results_dir / "llm_full.png", "deviation", "id_ppl", title)
   (results_dir / "llm_full_differences.json").write_text(json.dumps(diffs, indent=1))
   seed = cfg.seeds[0]
   hist = {m: json.loads((results_dir / "runs" / f"{m}_{chosen[m]}_seed{seed}" /
