@@ -132,11 +132,11 @@ def deviation_table(params, theta0, layer_axis):
 
 def layer_values(state, name):
   """[len(MATRICES), L] of SPD's per-layer `name` ("condition", "ratio",
-  "deviation") from the stacked state, or None for a state without SPD."""
-  try:
-    tree = optax.tree_utils.tree_get(state, name)
-  except (KeyError, ValueError):
+  "deviation") from the stacked state, or None for a state without SPD.
+  Read through the SPD state's properties (main packs the per-layer values;
+  optax.tree_utils.tree_get does not see properties)."""
+  found = spd_optax.state.spd_states_with_paths(state)
+  if not found:
     return None
-  if tree is None:
-    return None
+  tree = getattr(found[0][1], name)
   return np.stack([np.asarray(tree["blocks"][k]) for k in MATRICES])
