@@ -11,7 +11,7 @@ from spd_optax import trees
 
 
 def depth_scaled(
-    params,
+    params: Any,
     max_weight_decay: float,
     block_index: str | Callable[[tuple], int | None],
     *,
