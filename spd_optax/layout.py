@@ -92,15 +92,13 @@ def pack(columns: list, old) -> jax.Array:
   the type of `old` (the state's packed array before the step)."""
   if not columns:
     return old
-  rows = []
-  for values in zip(*columns):
-    pieces = [jnp.ravel(v).astype(old.dtype) for v in values]
-    if explicit_mesh(old) is not None:
-      # Sums over a leaf sharded along its layer axis come out sharded; a
-      # type that changed across `update` breaks lax.scan carries, cond
-      # branches and the jit cache.
-      pieces = [_replicated(x, old) for x in pieces]
-    rows.append(jnp.concatenate(pieces))
+  columns = [tuple(jnp.ravel(v).astype(old.dtype) for v in col) for col in columns]
+  if explicit_mesh(old) is not None:
+    # Sums over a leaf sharded along its layer axis come out sharded; a
+    # type that changed across `update` breaks lax.scan carries, cond
+    # branches and the jit cache. A leaf's three values move together.
+    columns = [_replicated(col, old) for col in columns]
+  rows = [jnp.concatenate(row) for row in zip(*columns)]
   # Row by row, not leaf by leaf: XLA:TPU then forms every leaf's values in
   # one small fusion rather than one per leaf.
   return jnp.stack(rows)

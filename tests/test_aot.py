@@ -36,12 +36,12 @@ def test_adam_spd_is_two_passes_without_copies(v5e, layout):
   r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
                   layer_axes, v5e, jnp.float32)
   # Two passes over the leaf's data. The per-layer values (condition, ratio,
-  # deviation, written into the state's packed array) take small fusions
-  # besides: one per leaf, 10 per 3 stacked leaves, as compiled at the merge
-  # of main's packed state (benchmarks/NOTES.md). Fewer is better.
+  # deviation, written into the state's packed array row by row) take small
+  # fusions besides: one for all one-layer leaves here, 13 per 3 stacked
+  # leaves, as compiled at c1e69b6 (benchmarks/NOTES.md). Fewer is better.
   assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
   small = r["fusions_per_leaf"] - r["large_fusions_per_leaf"]
-  assert small <= (1 if layout == "unstacked" else 10 / 3) + 1e-9, r["kernels"]
+  assert small <= (1 if layout == "unstacked" else 13 / 3) + 1e-9, r["kernels"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   # Pass 1 reads g, θ, θ_0, m, v and writes m, v; pass 2 reads θ, θ_0, m, v
   # (or u) and writes θ: 12 words, the floor for an update that
