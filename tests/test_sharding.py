@@ -74,24 +74,6 @@ def state_shardings(tx, params, mesh):
   return spd_optax.state_shardings(tx, params)
 
 
-def state_shardings_like_params(abstract_state, params, mesh):
-  """For an Auto mesh, where `eval_shape` carries no shardings: every state
-  array with the shape of a param at the same key path (anchor, moments)
-  gets that param's sharding; everything else is replicated."""
-  by_path = [(jax.tree_util.keystr(path), p)
-             for path, p in jax.tree_util.tree_flatten_with_path(params)[0]]
-  by_path.sort(key=lambda kv: -len(kv[0]))   # longest suffix wins
-
-  def pick(path, leaf):
-    where = jax.tree_util.keystr(path)
-    for suffix, p in by_path:
-      if where.endswith(suffix) and leaf.shape == p.shape:
-        return p.sharding
-    return NamedSharding(mesh, P())
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_state)
-
-
 def make_step(tx):
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
@@ -242,8 +224,7 @@ def test_auto_mesh_recipe():
   mesh = make_mesh(AxisType.Auto)
   psh = param_shardings(mesh)
   params = jax.device_put(host_params(), psh)
-  abstract = jax.eval_shape(tx.init, params)
-  ssh = state_shardings_like_params(abstract, params, mesh)
+  ssh = spd_optax.state_shardings(tx, params)
   state = jax.jit(tx.init, out_shardings=ssh)(params)
   check_laid_out_like_params(state, params, psh)
   step = jax.jit(make_step(tx), donate_argnums=(0, 1), out_shardings=(psh, ssh))
