@@ -87,21 +87,34 @@ def like_params(x, params_l):
   return x
 
 
+def concat(pieces: list, like) -> jax.Array:
+  """`pieces` raveled and concatenated in the dtype of `like` (the state's
+  packed array), replicated where `like` is on an Explicit mesh."""
+  pieces = [jnp.ravel(x).astype(like.dtype) for x in pieces]
+  if explicit_mesh(like) is not None:
+    # Sums over a leaf sharded along its layer axis come out sharded, and an
+    # Explicit mesh concatenates only like-sharded arrays; the result keeps
+    # the state's type across `update` (lax.scan carries, the jit cache).
+    pieces = [_replicated(x, like) for x in pieces]
+  return jnp.concatenate(pieces)
+
+
+def split(vector, shapes: list) -> list:
+  """`vector` cut back into arrays of `shapes`, as `concat` joined them."""
+  out, start = [], 0
+  for shape in shapes:
+    n = int(np.prod(shape))
+    out.append(vector[start:start + n].reshape(shape))
+    start += n
+  return out
+
+
 def pack(columns: list, old) -> jax.Array:
   """The per-leaf ``(condition, ratio, deviation)`` arrays as one array of
   the type of `old` (the state's packed array before the step)."""
-  if not columns:
-    return old
-  columns = [tuple(jnp.ravel(v).astype(old.dtype) for v in col) for col in columns]
-  if explicit_mesh(old) is not None:
-    # Sums over a leaf sharded along its layer axis come out sharded; a
-    # type that changed across `update` breaks lax.scan carries, cond
-    # branches and the jit cache. A leaf's three values move together.
-    columns = [_replicated(col, old) for col in columns]
-  rows = [jnp.concatenate(row) for row in zip(*columns)]
   # Row by row, not leaf by leaf: XLA:TPU then forms every leaf's values in
   # one small fusion rather than one per leaf.
-  return jnp.stack(rows)
+  return jnp.stack([concat(list(row), old) for row in zip(*columns)])
 
 
 def _replicated(x, like, constant=False):

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from spd_optax import layout
+
 
 def acc_dtype(dtype) -> jnp.dtype:
   # Sums over millions of bfloat16 elements lose the signal; float64 params
@@ -84,15 +86,30 @@ def project(g, p, a, u, lam, axes, psum_axes=()):
   shape of those axes; ``update`` is $\theta_t - \theta_{t-1}$ for
   `optax.apply_updates`, and exactly ``u`` on layers SPD leaves alone.
   Inside `jax.shard_map`, the per-layer sums are added over `psum_axes`.
+
+  The three stages (`layer_sums`, `layer_values`, `apply_scale`) are
+  separate so that a step over many leaves can run the middle one once on
+  every leaf's sums together (`selective_projection_decay` does).
   """
+  scale, *values = layer_values(*layer_sums(g, p, a, u, axes, psum_axes), lam)
+  return (apply_scale(p, a, u, scale, axes), *values)
+
+
+def layer_sums(g, p, a, u, axes, psum_axes=()):
+  """Pass 1 over a leaf: ⟨g, d⟩, ‖d‖² and s per layer (see `project`), in
+  `acc_dtype`, of the shape of the layer axes `axes`."""
   acc = acc_dtype(p.dtype)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
-  p_acc, u_acc = p.astype(acc), u.astype(acc)
-  d = p_acc if a is None else p_acc - a.astype(acc)  # θ_{t-1} - θ_0
-  sums = _sums(g.astype(acc), d, u_acc, reduced)
+  d = p.astype(acc) if a is None else p.astype(acc) - a.astype(acc)  # θ_{t-1} - θ_0
+  sums = _sums(g.astype(acc), d, u.astype(acc), reduced)
   if psum_axes:  # inside shard_map, each device summed its part of the leaf
     sums = lax.psum(sums, psum_axes)
-  gd, dd, s = sums
+  return sums
+
+
+def layer_values(gd, dd, s, lam):
+  """(scale λr, condition, ratio, deviation) from the sums of `layer_sums`:
+  element-wise, so one call serves any number of layers and leaves."""
   condition = -gd
   norm_prev = _sqrt(dd)
   norm_new = _sqrt(dd + s)  # ‖θ̃_t - θ_0‖
@@ -103,12 +120,21 @@ def project(g, p, a, u, lam, axes, psum_axes=()):
   ratio = jnp.where(norm_new > 0,
                     jnp.clip(growth / jnp.where(norm_new > 0, norm_new, 1), 0, 1), 0)
   ratio = jnp.where(condition < 0, ratio, 0)
-  scale = lam.astype(acc) * ratio
+  scale = jnp.asarray(lam).astype(gd.dtype) * ratio
   # `!= 0` rather than `> 0`: a NaN strength (traced, so it cannot raise)
   # must show in the result, not silently switch SPD off.
-  applied = scale != 0
-  ratio = jnp.where(applied, ratio, 0)
-  scale_b = jnp.expand_dims(scale, reduced)
+  ratio = jnp.where(scale != 0, ratio, 0)
+  deviation = jnp.abs(1 - scale) * norm_new
+  return scale, condition, ratio, deviation
+
+
+def apply_scale(p, a, u, scale, axes):
+  """Pass 2 over a leaf: the update taking θ_{t-1} to θ_t, given the scale
+  λr of each layer (the shape of the layer axes `axes`)."""
+  acc = acc_dtype(p.dtype)
+  reduced = tuple(i for i in range(p.ndim) if i not in axes)
+  p_acc, u_acc = p.astype(acc), u.astype(acc)
+  scale = jnp.expand_dims(scale.astype(acc), reduced)
   # θ_t = θ̃_t - scale·(θ̃_t - θ_0), formed as the reference forms it, then
   # expressed as an update. `where`, not arithmetic, so a leaf SPD leaves
   # alone gets the inner update bit for bit (θ̃ - θ_{t-1} would round).
@@ -116,10 +142,32 @@ def project(g, p, a, u, lam, axes, psum_axes=()):
   # otherwise keep d from the first pass, a param-sized buffer more.
   tilde = p_acc + u_acc
   away = tilde if a is None else tilde - a.astype(acc)
-  update = jnp.where(jnp.expand_dims(applied, reduced),
-                     (tilde - scale_b * away - p_acc).astype(u.dtype), u)
-  deviation = jnp.abs(1 - scale) * norm_new
-  return update, condition, ratio, deviation
+  return jnp.where(scale != 0, (tilde - scale * away - p_acc).astype(u.dtype), u)
+
+
+def project_together(leaves: list, lams: list, like) -> list:
+  """`project` for several leaves, with one `layer_values` on the sums of
+  all of them: the same numbers, in fewer small kernels.
+
+  Args:
+    leaves: per leaf, ``(g, p, a, u, axes, psum_axes)`` as `project` takes.
+    lams: per leaf, its strength (a scalar or the layer axes' shape).
+    like: the state's packed per-layer array, whose dtype (and, on an
+      Explicit mesh, replicated placement) the joined sums take.
+
+  Returns:
+    per leaf, ``(update, condition, ratio, deviation)`` as `project` does.
+  """
+  if not leaves:
+    return []
+  sums = [layer_sums(g, p, a, u, axes, over) for g, p, a, u, axes, over in leaves]
+  shapes = [jnp.shape(s[0]) for s in sums]
+  joined = [layout.concat([s[k] for s in sums], like) for k in range(3)]
+  lam = layout.concat([jnp.broadcast_to(x, shape) for x, shape in zip(lams, shapes)], like)
+  scale, *rows = layer_values(*joined, lam)
+  return [(apply_scale(p, a, u, scale_i, axes), *values)
+          for (_, p, a, u, axes, _), scale_i, *values
+          in zip(leaves, layout.split(scale, shapes), *(layout.split(r, shapes) for r in rows))]
 
 
 def anchor_to_device(anchor, after=None):

@@ -446,28 +446,43 @@ def selective_projection_decay(
     if anchor_on_host:
       _warn_if_anchor_on_device(paths, anchors_l)
 
-    out_u, columns, previous = [], [], None
-    for path, g, p, a, u, ax, shape, lam in zip(paths, grads_l, params_l, anchors_l,
-                                                proposed_l, axes_l, layout.shapes, lams):
-      if shape is None:
-        out_u.append(u)
+    per_layer = trees.unwrap(state.per_layer)
+    out_u = list(proposed_l)
+    on = [i for i, shape in enumerate(layout.shapes) if shape is not None]
+    reduce_over = {i: _manual_axes(paths[i], (grads_l[i], params_l[i], anchors_l[i],
+                                              proposed_l[i]), axis_name) for i in on}
+    # A stacked leaf's per-layer values are [L]-sized arrays, which XLA:TPU
+    # computes in small fusions of a fixed cost each, so those leaves get
+    # theirs from one call for all; a one-layer leaf's are scalars, cheaper
+    # per leaf. A host anchor goes leaf by leaf, to be moved in one at a time.
+    together = [i for i in on if layout.shapes[i] != () and norm == "frobenius"
+                and not anchor_on_host]
+    args = {i: (grads_l[i], params_l[i], anchors_l[i], proposed_l[i], axes_l[i],
+                reduce_over[i]) for i in on}
+    results = dict(zip(together, projection.project_together(
+        [args[i] for i in together], [lams[i] for i in together], per_layer)))
+    previous = None
+    for i in on:
+      if i in results:
         continue
+      g, p, a, u, ax, over = args[i]
       if anchor_on_host:
-        # Leaf by leaf, after the previous leaf's update: only a leaf or two
-        # of the anchor is in device memory at a time.
+        # After the previous leaf's update: only a leaf or two of the anchor
+        # is in device memory at a time.
         a = projection.anchor_to_device(a, after=previous)
-      reduce_over = _manual_axes(path, (g, p, a, u), axis_name)
-      u, *values = project(g, p, a, u, lam, ax, reduce_over)
-      previous = u
-      out_u.append(u)
-      columns.append(values)
+      results[i] = project(g, p, a, u, lams[i], ax, over)
+      previous = results[i][0]
+    for i in on:
+      out_u[i] = results[i][0]
+    if on:
+      per_layer = layout_lib.pack([results[i][1:] for i in on], per_layer)
     new_state = SPDState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         anchor=state.anchor,
         # Cast and placed as at init whatever the grads' dtype and sharding,
         # so a lax.scan carry or a jitted step's signature does not change.
-        per_layer=layout_lib.pack(columns, trees.unwrap(state.per_layer)),
+        per_layer=per_layer,
         layout=layout,
     )
     return treedef.unflatten(out_u), new_state
