@@ -162,9 +162,12 @@ def compiled_stats(compiled, n, itemsize, hlo_path=None):
           "words_per_param": None if accessed is None else accessed / (n * itemsize)}
 
 
-def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag="",
-          steps_per_call=1):
-  """Medians per optimizer step: of one call's time, over `steps_per_call`."""
+def setup_runs(shapes, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag="",
+               steps_per_call=1):
+  """Builds, compiles and warms up each optimizer's step on one set. Returns
+  (runs, stats, n, leaves): runs maps a name to [compiled step, params,
+  state, grads, times], stats the compiled steps' `compiled_stats`, n the
+  parameter count and leaves adam_spd's leaf count."""
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes.values())
   itemsize = jnp.dtype(dtype).itemsize
   runs, grads_for, stats = {}, {}, {}
@@ -183,7 +186,14 @@ def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None
     runs[name] = [step, params, state, grads, []]
     if name == "adam_spd":
       leaves = len(tx_shapes)
-  for _ in range(reps):  # alternate, so drifting clocks hit all alike
+  return runs, stats, n, leaves
+
+
+def alternate(runs, reps):
+  """Times `reps` calls of each run's step, alternating between the runs so
+  that drifting clocks hit all alike; appends seconds per call to each
+  run's times and keeps its (donated) params and state current."""
+  for _ in range(reps):
     for name, run in runs.items():
       step, params, state, grads, times = run
       t0 = time.perf_counter()
@@ -191,19 +201,36 @@ def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None
       jax.block_until_ready((params, state))
       times.append(time.perf_counter() - t0)
       run[1], run[2] = params, state
+
+
+def medians(runs, steps_per_call, stacked):
+  """Median milliseconds per step of each run, their ratios to optax.adamw
+  and (stacked sets) adam_spd stacked over unstacked."""
   med = {k: 1e3 * statistics.median(r[4]) / steps_per_call for k, r in runs.items()}
-  out = {"params": n, "leaves": leaves, "steps_per_call": steps_per_call, "median_ms": med,
-         "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()},
-         "compiled": stats}
+  out = {"steps_per_call": steps_per_call, "median_ms": med,
+         "ratio_to_adamw": {k: v / med["optax.adamw"] for k, v in med.items()}}
   if stacked:
     out["stacked_over_unstacked"] = med["adam_spd"] / med["adam_spd unstacked"]
+  return out
+
+
+def bench(shapes, reps, stacked=False, warmup=3, dtype=jnp.float32, hlo_dir=None, tag="",
+          steps_per_call=1):
+  """Medians per optimizer step: of one call's time, over `steps_per_call`."""
+  runs, stats, n, leaves = setup_runs(shapes, stacked, warmup, dtype, hlo_dir, tag,
+                                      steps_per_call)
+  alternate(runs, reps)
+  out = {"params": n, "leaves": leaves} | medians(runs, steps_per_call, stacked)
+  out["compiled"] = stats
+  if stacked:  # keep the key order of earlier JSON: compiled before the ratio
+    out["stacked_over_unstacked"] = out.pop("stacked_over_unstacked")
   return out
 
 
 def copy_bandwidth(gib=1, reps=20):
   """Device memory bandwidth of a plain elementwise pass (read + write), the
   rate the byte floors in NOTES.md divide by."""
-  x = jnp.ones(gib * 2**28, jnp.float32)
+  x = jnp.ones(int(gib * 2**28), jnp.float32)
   step = jax.jit(lambda x: x + 1, donate_argnums=0)
   x = jax.block_until_ready(step(x))
   times = []
