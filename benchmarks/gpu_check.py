@@ -347,14 +347,18 @@ def profile_runs(runs, trace_root, log):
 
 # --- one group -----------------------------------------------------------------
 
-def run_group(name, shapes, args, trace_root, log):
+def run_group(name, shapes, args, trace_root, log, out, save):
+  """Fills `out` (already in the results) phase by phase, calling save()
+  after each, so that a group cut short or failing late keeps what it
+  measured: the reference check, the K = 1 timings, the profile, the K-step
+  timings."""
   stacked = name.endswith("_stacked")
   dtype = jnp.dtype(args.dtype)
   t0 = time.perf_counter()
   phase = {}
   tick = lambda what, t=[t0]: (phase.__setitem__(what, time.perf_counter() - t[0]),
-                               t.__setitem__(0, time.perf_counter()))
-  out = {"phase_s": phase}
+                               t.__setitem__(0, time.perf_counter()), save())
+  out["phase_s"] = phase
   out["reference"] = reference_errors(check_shapes(shapes, args.check_cap), stacked,
                                       steps=args.check_steps)
   for k, v in out["reference"]["errors"].items():
@@ -373,20 +377,39 @@ def run_group(name, shapes, args, trace_root, log):
   tick("profile")
   # The same buffers, K steps per call in one jit.
   k = args.steps_per_call
-  txs = ostep.optimizers(shapes, stacked)
-  for rname, run in runs.items():
-    run[0] = ostep.make_step(txs[rname][0], k).lower(*run[1:4]).compile()
-    run[1], run[2] = run[0](*run[1:4])  # warm up
-    jax.block_until_ready(run[1])
-    run[4] = []
-  tick("fori_setup")
-  ostep.alternate(runs, args.fori_reps)
-  out["fori_loop"] = ostep.medians(runs, k, stacked)
-  out["host_ms_per_call"] = {r: out["median_ms"][r] - out["fori_loop"]["median_ms"][r]
-                             for r in runs}
-  del runs, txs
+  try:
+    txs = ostep.optimizers(shapes, stacked)
+    for rname, run in runs.items():
+      run[0] = ostep.make_step(txs[rname][0], k).lower(*run[1:4]).compile()
+      run[1], run[2] = run[0](*run[1:4])  # warm up
+      jax.block_until_ready(run[1])
+      run[4] = []
+    tick("fori_setup")
+    ostep.alternate(runs, args.fori_reps)
+    out["fori_loop"] = ostep.medians(runs, k, stacked)
+    out["host_ms_per_call"] = {r: out["median_ms"][r] - out["fori_loop"]["median_ms"][r]
+                               for r in runs}
+  except Exception as e:  # noqa: BLE001 - keep the K = 1 results
+    out["fori_loop"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    log(f"  fori_loop FAILED {type(e).__name__}: {str(e)[:300]}")
+  del runs
   tick("fori_time")
   out["seconds"] = time.perf_counter() - t0
+  return out
+
+
+def profile_summary(profile):
+  """The profile's headline numbers per optimizer, for the top of the JSON."""
+  keys = ("device_events", "distinct_kernels", "busy_us", "span_us", "busy_over_span",
+          "wall_ms", "note", "error")
+  out = {}
+  for name, p in profile.items():
+    out[name] = {k: p[k] for k in keys if k in p}
+    if "gaps" in p:
+      out[name]["gaps_over_5us"] = p["gaps"]["over_5us"]
+      out[name]["gaps_total_us"] = p["gaps"]["total_us"]
+    if "top_kernels" in p:
+      out[name]["top_kernel"] = p["top_kernels"][0]["name"] if p["top_kernels"] else None
   return out
 
 
@@ -398,6 +421,9 @@ def print_group(name, r, log):
       + (f" | stacked / unstacked {r['stacked_over_unstacked']:.2f}x"
          if "stacked_over_unstacked" in r else "") + " |")
   f = r["fori_loop"]
+  if "error" in f:
+    log(f"| {name}, K steps per jit | FAILED: {f['error'][:200]} |")
+    return
   log(f"| {name}, {f['steps_per_call']} steps per jit | | | "
       + " | ".join(f"{k} {v:.3f} ms" for k, v in f["median_ms"].items())
       + f" | adam_spd / adamw {f['ratio_to_adamw']['adam_spd']:.2f}x"
@@ -482,7 +508,8 @@ def main(argv=None):
              "commit": git_commit(), "small": small, "dtype": args.dtype,
              "reps": args.reps, "fori_reps": args.fori_reps,
              "steps_per_call": 1, "fori_steps_per_call": args.steps_per_call,
-             "budget_s": args.budget_s, "complete": False, "skipped": [], "sets": {}}
+             "budget_s": args.budget_s, "complete": False, "skipped": [], "sets": {},
+             "profile_summary": {}}
   results["copy_GBps"] = ostep.copy_bandwidth(args.copy_gib, reps=5 if small else 20)
   log(f"jax {jax.__version__}, {len(jax.devices())} device(s), commit {results['commit']}, "
       f"{'SMALL shapes, ' if small else ''}{args.dtype}; copy "
@@ -499,15 +526,20 @@ def main(argv=None):
       results["skipped"].append(name)
       continue
     log(f"{name}: starting at {elapsed:.0f} s")
+    r = results["sets"][name] = {}
+    group_start = time.perf_counter()
     try:
-      r = run_group(name, shape_sets[name](), args, trace_root, log)
+      run_group(name, shape_sets[name](), args, trace_root, log, r,
+                lambda: write(results, path))
     except Exception as e:  # noqa: BLE001 - out of memory, say: keep the others
       log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-      results["sets"][name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+      r["error"] = f"{type(e).__name__}: {e}"[:1000]
+      r["seconds"] = time.perf_counter() - group_start
+      longest = max(longest, r["seconds"])
       write(results, path)
       continue
     longest = max(longest, r["seconds"])
-    results["sets"][name] = r
+    results["profile_summary"][name] = profile_summary(r["profile"])
     print_group(name, r, log)
     log(f"{name}: done in {r['seconds']:.0f} s (" + ", ".join(
         f"{k} {v:.1f}" for k, v in r["phase_s"].items()) + ")")
@@ -515,7 +547,8 @@ def main(argv=None):
     write(results, path)
 
   results["complete"] = not results["skipped"] and all(
-      "error" not in r for r in results["sets"].values())
+      "error" not in r and "error" not in r.get("fori_loop", {})
+      for r in results["sets"].values())
   results["elapsed_s"] = time.perf_counter() - start
   write(results, path)
   if trace_holder is not None:
@@ -527,8 +560,8 @@ def main(argv=None):
       log(f"| {name} | FAILED | | |")
       continue
     su = r.get("stacked_over_unstacked")
-    log(f"| {name} | {r['ratio_to_adamw']['adam_spd']:.2f}x | "
-        f"{r['fori_loop']['ratio_to_adamw']['adam_spd']:.2f}x | "
+    fori = r["fori_loop"].get("ratio_to_adamw", {}).get("adam_spd", float("nan"))
+    log(f"| {name} | {r['ratio_to_adamw']['adam_spd']:.2f}x | {fori:.2f}x | "
         + (f"{su:.2f}x |" if su is not None else "- |"))
   return results
 

@@ -27,6 +27,8 @@ def test_small_run_writes_every_section(tmp_path):
   for name in names:
     p = s["profile"][name]
     assert p["device_events"] > 0 or "no device events" in p["note"], p
+  summary = r["profile_summary"]["vit_b16"]
+  assert set(summary) == names and all("device_events" in v for v in summary.values())
   errors = s["reference"]["errors"]
   assert set(errors) == names
   spd = errors["adam_spd"]
@@ -40,6 +42,19 @@ def test_budget_skips_groups_and_still_writes(tmp_path):
   gpu_check.main(["--small", "--budget-s", "0", "--json", str(out)])
   r = json.loads(out.read_text())
   assert r["skipped"] == gpu_check.ORDER and r["sets"] == {} and not r["complete"]
+
+
+def test_a_failing_group_keeps_what_it_measured(tmp_path, monkeypatch):
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError("RESOURCE_EXHAUSTED (simulated)")
+  monkeypatch.setattr(gpu_check, "reference_errors", lambda *a, **k: {"errors": {}})
+  monkeypatch.setattr(gpu_check.ostep, "setup_runs", out_of_memory)
+  out = tmp_path / "gpu.json"
+  gpu_check.main(["--small", "--sets", "llama_1b", "--json", str(out)])
+  r = json.loads(out.read_text())
+  s = r["sets"]["llama_1b"]
+  assert "RESOURCE_EXHAUSTED" in s["error"] and s["reference"] == {"errors": {}}
+  assert "reference" in s["phase_s"] and not r["complete"]
 
 
 def test_trace_summary_of_gpu_shaped_events():
