@@ -9,7 +9,7 @@ It reuses `benchmarks/optimizer_step.py` (its shape sets, optimizers, steps
 and timing loop) and, in one process:
 
 1. measures the device's copy bandwidth (a plain `x + 1`, read + write);
-2. for each set (vit_b16, vit_b16_stacked, llama_1b, llama_1b_stacked: one
+2. for each set (vit_b16, llama_1b, vit_b16_stacked, llama_1b_stacked: one
    group each, freed before the next, so each fits the device's memory):
    - checks each optimizer's steps on the device (float32) against the same
      steps evaluated on the CPU in float64, from the same inputs, on the
@@ -64,7 +64,9 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is not a package p
 from benchmarks import optimizer_step as ostep  # noqa: E402
 import spd_optax  # noqa: E402
 
-ORDER = ["vit_b16", "vit_b16_stacked", "llama_1b", "llama_1b_stacked"]
+# The issue's two targets first (llama_1b <= 1.3x, vit_b16 <= 1.5x adamw), then
+# the stacked sets (no slower than unstacked), so a short budget drops those.
+ORDER = ["vit_b16", "llama_1b", "vit_b16_stacked", "llama_1b_stacked"]
 
 
 def small_vit_shapes():
@@ -374,6 +376,9 @@ def run_group(name, shapes, args, trace_root, log, out, save):
   out["compiled"] = stats
   tick("time")
   out["profile"] = profile_runs(runs, trace_root, log)
+  for rname, prof in out["profile"].items():
+    if "busy_us" in prof:  # what the timed call spends beyond the device's busy time
+      prof["median_call_minus_busy_us"] = 1e3 * out["median_ms"][rname] - prof["busy_us"]
   tick("profile")
   # The same buffers, K steps per call in one jit.
   k = args.steps_per_call
@@ -401,7 +406,7 @@ def run_group(name, shapes, args, trace_root, log, out, save):
 def profile_summary(profile):
   """The profile's headline numbers per optimizer, for the top of the JSON."""
   keys = ("device_events", "distinct_kernels", "busy_us", "span_us", "busy_over_span",
-          "wall_ms", "note", "error")
+          "median_call_minus_busy_us", "wall_ms", "note", "error")
   out = {}
   for name, p in profile.items():
     out[name] = {k: p[k] for k in keys if k in p}

@@ -92,7 +92,9 @@ BUDGET="${GPU_CHECK_BUDGET_S:-380}"
 CHECK_TIMEOUT="${GPU_CHECK_TIMEOUT_S:-450}"
 TESTS_TIMEOUT="${GPU_TESTS_TIMEOUT_S:-100}"
 T0=$(date +%s)
-say() { echo "[gpu_session $(( $(date +%s) - T0 )) s] $*"; }
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+DEV="${DEV:-no GPU (nvidia-smi found none)}"
+say() { echo "[gpu_session on $DEV, $(( $(date +%s) - T0 )) s] $*"; }
 
 {
   date -u
