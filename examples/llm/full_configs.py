@@ -43,13 +43,17 @@ PRESETS = {
     "smoke": FullConfig(n_layers=2, seq_len=16, batch_size=8, eval_batch_size=8,
                         eval_windows=8, steps=4, warmup_steps=1, learning_rate=1e-4,
                         adamw_weight_decay=(0.1, 1.0), log_every=1, checkpoint_every=2),
-    # All 30 blocks on 8 CPU devices, sized from a measured train step of
-    # 8 x 64 tokens: 42-60 s on 2 CPU cores shared with other jobs (load ~12),
-    # so 8 x 32 tokens and 12 steps; AdamW gets a two-point strength search
-    # on the ID validation chapters, SPD one strength, one seed (batch order).
-    # Peak memory about 9 GB of host RAM.
-    "cpu": FullConfig(seq_len=32, steps=12, warmup_steps=2, eval_windows=16,
-                      adamw_weight_decay=(0.1, 1.0), log_every=2, checkpoint_every=6),
+    # All 30 blocks on 8 CPU devices, sized to about 15 minutes on 2 CPU
+    # cores. On a CPU mesh a step costs mostly its FSDP collectives (every
+    # "device" gathers the whole model into host RAM), not its tokens: a step
+    # of 16 x 32 tokens took 8.3-8.6 s, one of 8 x 32 6.5-8 s (load average
+    # 5-8), and one evaluation batch of 64 windows 5-8 s where 8 batches of 8
+    # took 23 s. So: wide batches, all evaluation sets in one batch of 64, 16
+    # steps; AdamW's strength searched on seed 0's ID validation, the chosen
+    # AdamW and SPD rerun on a second batch order.
+    "cpu": FullConfig(seq_len=32, batch_size=16, eval_batch_size=64, eval_windows=16,
+                      steps=16, warmup_steps=2, adamw_weight_decay=(0.1, 1.0),
+                      seeds=(0, 1), log_every=2, checkpoint_every=8),
     # The GPU issue's run, not yet made: longer windows and training, strength
     # grids for both methods selected on validation, three seeds.
     "gpu": FullConfig(seq_len=256, batch_size=32, eval_batch_size=32, eval_windows=256,
