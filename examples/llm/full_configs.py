@@ -8,34 +8,24 @@ multiples of the number of devices.
 
 import dataclasses
 
+from examples.llm.configs import ExperimentConfig
+
 
 @dataclasses.dataclass(frozen=True)
-class FullConfig:
-  # Model: None keeps every block; a number keeps only the first blocks.
-  n_layers: int | None = None
+class FullConfig(ExperimentConfig):
+  """The LoRA example's data fields (configs.ExperimentConfig), with the
+  mesh and the defaults of full fine-tuning."""
   layer_axis: int = 0                  # 1: MaxText's layout, layers at axis 1
   # Mesh: one axis, "fsdp", over this many devices (params, optimizer state
   # and the batch all sharded along it).
   devices: int = 8
-  # Data, as the LoRA example's (examples/llm/configs.py).
-  id_books: tuple[str, ...] = ("psalms", "proverbs")
-  ood_books: tuple[str, ...] = ("genesis", "mark", "acts")
-  heldout_fraction: float = 0.1
-  val_fraction: float = 0.05
-  split_seed: int = 0
-  seq_len: int = 64
+  # Every weight trains, from the pre-trained ones: a lower learning rate;
+  # the same schedule for every method (warm-up, cosine to 10%).
   batch_size: int = 8
-  eval_batch_size: int = 8
-  eval_windows: int = 32               # per evaluation set, windows of seq_len
-  # Training: the same schedule for every method (warm-up, cosine to 10%).
   steps: int = 32
   learning_rate: float = 5e-5
-  warmup_steps: int = 4
-  adamw_weight_decay: tuple[float, ...] = (0.1,)
-  spd_strength: tuple[float, ...] = (1.0,)
   seeds: tuple[int, ...] = (0,)        # batch order (full fine-tuning has no random init)
   log_every: int = 4
-  checkpoint_every: int = 16
 
 
 PRESETS = {
