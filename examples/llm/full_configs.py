@@ -30,7 +30,7 @@ class FullConfig(ExperimentConfig):
 
 PRESETS = {
     # The tests' preset: real weights truncated to 2 blocks, a few steps.
-    "smoke": FullConfig(n_layers=2, seq_len=16, batch_size=8, eval_batch_size=8,
+    "smoke": FullConfig(n_layers=2, seq_len=16, batch_size=8, eval_batch_size=32,
                         eval_windows=8, steps=4, warmup_steps=1, learning_rate=1e-4,
                         adamw_weight_decay=(0.1, 1.0), log_every=1, checkpoint_every=2),
     # All 30 blocks on 8 CPU devices, sized to about 15 minutes on 2 CPU

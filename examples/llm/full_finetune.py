@@ -99,13 +99,11 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
     shutil.rmtree(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
 
-  mesh, psh, theta0 = ctx["mesh"], ctx["psh"], ctx["theta0"]
-  tx = make_tx(cfg, method, strength, steps, theta0, ctx["layer_axes"])
-  ssh = state_shardings(tx, theta0, psh, mesh)
-  step_fn = make_step(ctx["graphdef"], tx, psh, ssh, mesh)
+  mesh, theta0 = ctx["mesh"], ctx["theta0"]
+  copy, init, step_fn = _compiled(ctx, cfg, method, strength, steps)
   # A fresh copy: the step donates (consumes) the params it is given.
-  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=psh)(theta0)
-  state = jax.jit(tx.init, out_shardings=ssh)(params)
+  params = copy(theta0)
+  state = init(params)
 
   ckpt_dir = (run_dir / "checkpoints").absolute()
   start, history = 0, []
@@ -167,6 +165,22 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
       {"row": row, "nll": {k: v.tolist() for k, v in nll.items()},
        "final_params_checksum": params_checksum(params)}, indent=1))
   return row, nll
+
+
+def _compiled(ctx, cfg, method, strength, steps):
+  """(copy, init, step) jitted once per context and optimizer: the runs of
+  other seeds (batch orders), and a resumed run, reuse the compiled step
+  instead of compiling it again."""
+  key = (method, strength, steps, cfg.learning_rate, cfg.warmup_steps)
+  cache = ctx.setdefault("compiled", {})
+  if key not in cache:
+    mesh, psh, theta0 = ctx["mesh"], ctx["psh"], ctx["theta0"]
+    tx = make_tx(cfg, method, strength, steps, theta0, ctx["layer_axes"])
+    ssh = state_shardings(tx, theta0, psh, mesh)
+    cache[key] = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=psh),
+                  jax.jit(tx.init, out_shardings=ssh),
+                  make_step(ctx["graphdef"], tx, psh, ssh, mesh))
+  return cache[key]
 
 
 def _saved_steps(ckpt_dir):
