@@ -109,8 +109,9 @@ def plan_one(mesh, cfg, variant, seq_len, train_cfg):
     row.update(fits=False, compile_s=round(time.time() - t0, 1),
                error=("RESOURCE_EXHAUSTED" if "RESOURCE_EXHAUSTED" in msg
                       else type(e).__name__), message=msg.strip().split("\n")[0][:300])
-    # XLA:TPU says how much the step would have needed ("Used 17.51G of 15.75G hbm").
-    if used := re.search(r"Used ([\d.]+\w?) of ([\d.]+\w?) hbm", msg):
+    # XLA:TPU says how much the step would have needed ("... required for HLO
+    # temporaries (18.21G) exceeds available HBM (15.75G)").
+    if used := re.search(r"\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", msg):
       row.update(needed=used.group(1), hbm=used.group(2))
     return row
   mem = compiled.memory_analysis()
