@@ -10,13 +10,11 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class ExperimentConfig:
+  """What both LLM examples set alike: the data, its windows, and the
+  training schedule's fields (full_configs.FullConfig changes defaults)."""
   # Model: None keeps every block; a number keeps only the first blocks.
   n_layers: int | None = None
-  lora_rank: int = 8
-  lora_layers: int | None = None       # adapt the top N blocks (None: all)
-  lora_attn: bool = True               # q/k/v/o projections
-  lora_mlp: bool = True                # gate/up/down projections
   # Data: fine-tune on whole books; held-out chapters of the same books are ID.
   id_books: tuple[str, ...] = ("psalms", "proverbs")
   ood_books: tuple[str, ...] = ("genesis", "mark", "acts")
@@ -36,6 +34,14 @@ class Config:
   seeds: tuple[int, ...] = (0, 1)
   log_every: int = 8
   checkpoint_every: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ExperimentConfig):
+  lora_rank: int = 8
+  lora_layers: int | None = None       # adapt the top N blocks (None: all)
+  lora_attn: bool = True               # q/k/v/o projections
+  lora_mlp: bool = True                # gate/up/down projections
 
 
 PRESETS = {

@@ -42,9 +42,9 @@ from spd_optax import checkpoint as spd_checkpoint
 from examples.common import machine, write_table
 from examples.llm import convert, full_configs, scan_model
 from examples.llm.finetune import batch_indices, make_datasets, mark_selected
-from examples.llm.full_train import (MATRICES, deviation_table, layer_values, make_eval,
-                                     make_mesh, make_step, make_tx, per_window_nll,
-                                     shard_batch, split_model, state_shardings)
+from examples.llm.full_train import (MATRICES, deviation_table, evaluate, layer_values,
+                                     make_eval, make_mesh, make_step, make_tx, shard_batch,
+                                     split_model, state_shardings)
 
 COLUMNS = ["method", "strength", "seed", "steps", "id_ppl", "ood_bible_ppl",
            "pydoc_ppl", "val_ppl", "selected", "deviation", "final_train_loss",
@@ -99,13 +99,11 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
     shutil.rmtree(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
 
-  mesh, psh, theta0 = ctx["mesh"], ctx["psh"], ctx["theta0"]
-  tx = make_tx(cfg, method, strength, steps, theta0, ctx["layer_axes"])
-  ssh = state_shardings(tx, theta0, psh, mesh)
-  step_fn = make_step(ctx["graphdef"], tx, psh, ssh, mesh)
+  mesh, theta0 = ctx["mesh"], ctx["theta0"]
+  copy, init, step_fn = _compiled(ctx, cfg, method, strength, steps)
   # A fresh copy: the step donates (consumes) the params it is given.
-  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=psh)(theta0)
-  state = jax.jit(tx.init, out_shardings=ssh)(params)
+  params = copy(theta0)
+  state = init(params)
 
   ckpt_dir = (run_dir / "checkpoints").absolute()
   start, history = 0, []
@@ -154,8 +152,7 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
       return None
   train_s = time.time() - t0
 
-  nll = {k: per_window_nll(ctx["nll"], params, ctx["sets"][k], cfg.eval_batch_size, mesh)
-         for k in EVAL_SETS}
+  nll = evaluate(ctx["nll"], params, ctx["sets"], EVAL_SETS, cfg.eval_batch_size, mesh)
   dev = deviation_table(params, theta0, ctx["layer_axis"])
   last = history[-1] if history else {}
   row = {"method": method, "strength": strength, "seed": seed, "steps": steps,
@@ -168,6 +165,22 @@ def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_afte
       {"row": row, "nll": {k: v.tolist() for k, v in nll.items()},
        "final_params_checksum": params_checksum(params)}, indent=1))
   return row, nll
+
+
+def _compiled(ctx, cfg, method, strength, steps):
+  """(copy, init, step) jitted once per context and optimizer: the runs of
+  other seeds (batch orders), and a resumed run, reuse the compiled step
+  instead of compiling it again."""
+  key = (method, strength, steps, cfg.learning_rate, cfg.warmup_steps)
+  cache = ctx.setdefault("compiled", {})
+  if key not in cache:
+    mesh, psh, theta0 = ctx["mesh"], ctx["psh"], ctx["theta0"]
+    tx = make_tx(cfg, method, strength, steps, theta0, ctx["layer_axes"])
+    ssh = state_shardings(tx, theta0, psh, mesh)
+    cache[key] = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=psh),
+                  jax.jit(tx.init, out_shardings=ssh),
+                  make_step(ctx["graphdef"], tx, psh, ssh, mesh))
+  return cache[key]
 
 
 def _saved_steps(ckpt_dir):
@@ -252,26 +265,35 @@ def plot_block_deviation(devs, path, title):
   plt.close(fig)
 
 
-def paired_intervals(results, rows):
-  """SPD − AdamW at the selected strengths: mean difference of per-window NLL
-  (nats; exp of it is the perplexity ratio) over seeds and windows, with a
-  paired bootstrap interval (examples/stats.py)."""
+def paired_intervals(results, chosen, seeds):
+  """SPD − AdamW at the chosen strengths, per evaluation set: the mean over
+  seeds and windows of the per-window NLL difference (nats per token; exp of
+  it is the perplexity ratio), with a 95% paired bootstrap interval
+  (examples/stats.py: seeds and windows resampled, both methods' windows
+  together, so the pairing by window and batch order is kept)."""
   from examples.stats import paired_bootstrap
-  chosen = {}
-  for m in ("adamw", "adam_spd"):
-    mine = [r for r in rows if r["method"] == m]
-    sel = [r for r in mine if r.get("selected", True) is not False]
-    chosen[m] = sel[0]["strength"]
   out = []
   for k in ("id", "ood_bible", "pydoc"):
-    a = np.stack([results[("adam_spd", chosen["adam_spd"], s)][k] for s in sorted(
-        {s for (m, st, s) in results if m == "adam_spd" and st == chosen["adam_spd"]})])
-    b = np.stack([results[("adamw", chosen["adamw"], s)][k] for s in sorted(
-        {s for (m, st, s) in results if m == "adamw" and st == chosen["adamw"]})])
+    a = np.stack([results[("adam_spd", chosen["adam_spd"], s)][k] for s in seeds])
+    b = np.stack([results[("adamw", chosen["adamw"], s)][k] for s in seeds])
     r = paired_bootstrap(a, b, n_boot=5000)
-    out.append({"set": k, "spd_minus_adamw_nats": r["diff"], "lo": r["lo"], "hi": r["hi"],
+    out.append({"set": k, "spd": chosen["adam_spd"], "adamw": chosen["adamw"],
+                "seeds": len(seeds), "windows": int(a.shape[1]),
+                "spd_minus_adamw_nats": r["diff"], "lo": r["lo"], "hi": r["hi"],
                 "ppl_ratio": math.exp(r["diff"]), "excludes_zero": r["excludes_zero"]})
-  return chosen, out
+  return out
+
+
+def intervals_table(diffs) -> str:
+  d0 = diffs[0]
+  lines = [f"SPD (λ={d0['spd']}) − AdamW (λ={d0['adamw']}, chosen on ID validation), "
+           f"per-token NLL over {d0['seeds']} seed(s) x {d0['windows']} windows per set; "
+           "95% paired bootstrap interval over seeds and windows.", "",
+           "| set | SPD − AdamW (nats/token) | 95% interval | perplexity ratio |",
+           "| --- | --- | --- | --- |"]
+  lines += [f"| {d['set']} | {d['spd_minus_adamw_nats']:+.4f} | "
+            f"[{d['lo']:+.4f}, {d['hi']:+.4f}] | {d['ppl_ratio']:.4f} |" for d in diffs]
+  return "\n".join(lines) + "\n"
 
 
 # --- entry point ------------------------------------------------------------
@@ -286,7 +308,10 @@ def build_context(cfg, model_cfg, tok, weights):
     graphdef, theta0, psh, layer_axes = split_model(model, mesh)
   return {"mesh": mesh, "graphdef": graphdef, "theta0": theta0, "psh": psh,
           "layer_axes": layer_axes, "layer_axis": cfg.layer_axis,
-          "sets": make_datasets(cfg, tok), "nll": make_eval(graphdef)}
+          # No rounding of the sets to whole evaluation batches: evaluate()
+          # pads its last batch instead.
+          "sets": make_datasets(dataclasses.replace(cfg, eval_batch_size=1), tok),
+          "nll": make_eval(graphdef)}
 
 
 def main(argv=None):
@@ -314,35 +339,49 @@ def main(argv=None):
         f"of {cfg.seq_len} tokens: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
 
   with jax.set_mesh(mesh):
-    base_nll = {k: per_window_nll(ctx["nll"], theta0, sets[k], cfg.eval_batch_size, mesh)
-                for k in EVAL_SETS}
+    base_nll = evaluate(ctx["nll"], theta0, sets, EVAL_SETS, cfg.eval_batch_size, mesh)
     base = {"method": "pretrained", "strength": "", "seed": "", "steps": 0,
             **{f"{k}_ppl": math.exp(float(v.mean())) for k, v in base_nll.items()},
             "deviation": 0.0}
     print(json.dumps(base))
 
     rows, results = [base], {}
-    grid = [("adamw", s) for s in cfg.adamw_weight_decay] + \
-           [("adam_spd", s) for s in cfg.spd_strength]
-    for method, strength in grid:
-      for seed in cfg.seeds:
-        run_dir = results_dir / "runs" / f"{method}_{strength}_seed{seed}"
-        out = run_one(ctx, cfg, method, strength, seed, steps, run_dir, args.resume,
-                      args.stop_after)
-        if out is not None:
-          rows.append(out[0])
-          results[(method, strength, seed)] = out[1]
-          print(json.dumps(out[0]))
-  if len(rows) < 1 + len(grid) * len(cfg.seeds):
+    grids = {"adamw": cfg.adamw_weight_decay, "adam_spd": cfg.spd_strength}
+
+    def run(method, strength, seed):
+      run_dir = results_dir / "runs" / f"{method}_{strength}_seed{seed}"
+      out = run_one(ctx, cfg, method, strength, seed, steps, run_dir, args.resume,
+                    args.stop_after)
+      if out is not None:
+        rows.append(out[0])
+        results[(method, strength, seed)] = out[1]
+        print(json.dumps(out[0]))
+      return out is not None
+
+    # Strengths are searched on the first seed only and chosen on its ID
+    # validation perplexity; the other seeds (batch orders) rerun the chosen
+    # strength of each method, as the LoRA study does. No test set is looked
+    # at before the choice.
+    finished = [run(m, s, cfg.seeds[0]) for m, grid in grids.items() for s in grid]
+    if all(finished):
+      mark_selected(rows)
+      chosen = {m: next(r["strength"] for r in rows if r["method"] == m
+                        and r.get("selected", True) is not False) for m in grids}
+      for seed in cfg.seeds[1:]:
+        for m in grids:
+          if run(m, chosen[m], seed) and len(grids[m]) > 1:
+            rows[-1]["selected"] = True
+  if len(rows) < 1 + sum(map(len, grids.values())) + 2 * (len(cfg.seeds) - 1):
     print("some runs are unfinished: no report written; continue with --resume")
     return rows
-  mark_selected(rows)
-  chosen, diffs = paired_intervals(results, rows)
+  diffs = paired_intervals(results, chosen, cfg.seeds)
 
   title = f"SmolLM2-135M full fine-tuning on KJV ({args.preset} preset)"
   write_table(results_dir, "llm_full", rows, COLUMNS)
   plot_scatter(rows, results_dir / "llm_full.png", "deviation", "id_ppl", title)
   (results_dir / "llm_full_differences.json").write_text(json.dumps(diffs, indent=1))
+  with open(results_dir / "llm_full.md", "a") as f:
+    f.write("\n" + intervals_table(diffs))
   seed = cfg.seeds[0]
   hist = {m: json.loads((results_dir / "runs" / f"{m}_{chosen[m]}_seed{seed}" /
                          "history.json").read_text()) for m in chosen}
@@ -354,7 +393,6 @@ def main(argv=None):
       results_dir / "llm_full_block_deviation.png",
       f"‖θ − θ0‖ per block after {steps} steps, seed {seed}")
   print((results_dir / "llm_full.md").read_text())
-  print(json.dumps(diffs, indent=1))
   print(f"total {time.time() - t0:.0f}s")
   return rows
 

@@ -2,7 +2,7 @@
 analysis, not a run).
 
     ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m examples.llm.memory_plan \\
-        --topology v5p:4x4x4 --out results/llm_full/memory_plan.json
+        --topology v5p:4x4x4 --out benchmarks/results/llm_full_memory_plan.json
 
 Compiles the train step of `full_finetune.py` (`full_train.make_step`: the
 scanned LLaMA, FSDP over every chip of the slice, donated params and state)
@@ -106,8 +106,13 @@ def plan_one(mesh, cfg, variant, seq_len, train_cfg):
     compiled = lowered.compile()
   except Exception as e:  # the compiler's refusal is a result here
     msg = str(e)
-    row.update(fits=False, error=("RESOURCE_EXHAUSTED" if "RESOURCE_EXHAUSTED" in msg
-                                  else type(e).__name__), message=msg.strip().split("\n")[0][:300])
+    row.update(fits=False, compile_s=round(time.time() - t0, 1),
+               error=("RESOURCE_EXHAUSTED" if "RESOURCE_EXHAUSTED" in msg
+                      else type(e).__name__), message=msg.strip().split("\n")[0][:300])
+    # XLA:TPU says how much the step would have needed ("... required for HLO
+    # temporaries (18.21G) exceeds available HBM (15.75G)").
+    if used := re.search(r"\(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", msg):
+      row.update(needed=used.group(1), hbm=used.group(2))
     return row
   mem = compiled.memory_analysis()
   gib = lambda b: round(b / 2**30, 3)
@@ -128,7 +133,7 @@ def main(argv=None):
   p.add_argument("--shape", action="append", choices=sorted(SHAPES), default=None)
   p.add_argument("--variant", action="append", choices=sorted(VARIANTS), default=None)
   p.add_argument("--seq-len", type=int, default=2048)
-  p.add_argument("--out", default="results/llm_full/memory_plan.json")
+  p.add_argument("--out", default="benchmarks/results/llm_full_memory_plan.json")
   args = p.parse_args(argv)
   if jax.default_backend() == "tpu":
     print("note: a TPU is attached; this still compiles for the named topology only")

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec as P
 
 from examples.llm.model import LlamaConfig, apply_rope, rope_tables
@@ -38,26 +37,29 @@ def _explicit():
   return not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types)
 
 
-GATHERED = "fsdp_gathered"
-
-
 def _gathered(w):
   """The whole weight on every device (FSDP's all-gather), where a mesh with
-  Explicit axes is set; elsewhere (one device, Auto axes) the value itself.
-  Named, so that remat="gathered" can recompute it in the backward pass
-  instead of keeping every block's gathered weights alive until then."""
+  Explicit axes is set; elsewhere (one device, Auto axes) the value itself."""
   if _explicit():
     w = jax.sharding.reshard(w, P())
-  return checkpoint_name(w, GATHERED)
+  return w
 
 
 def _lookup(embed, tokens):
-  """embed[tokens], sharded like the tokens (along the batch) on an Explicit
-  mesh, where the gather's output sharding must be given."""
+  """embed[tokens], sharded like the tokens (along the batch).
+
+  On an Explicit mesh the lookup reads the FSDP-sharded table itself (every
+  device its slice of the "embed" axis, for all the batch's tokens, then an
+  all-to-all to batch-sharded rows) instead of the all-gathered one: the
+  table's gradient is then a scatter into each device's own slice, where a
+  lookup in the gathered table would build a dense vocab x dim gradient on
+  every device and all-reduce it (108 MiB per device at SmolLM2's shape)."""
   if not _explicit():
     return jnp.take(embed, tokens, axis=0)
   spec = jax.typeof(tokens).sharding.spec
-  return embed.at[tokens].get(out_sharding=P(*spec, None))
+  rows = embed.at[jax.sharding.reshard(tokens, P())].get(
+      out_sharding=P(None, None, *jax.typeof(embed).sharding.spec[1:]))
+  return jax.sharding.reshard(rows, P(*spec, None))
 
 
 def _param(rngs, shape, names, scale=0.02):
@@ -101,8 +103,15 @@ class Block(nnx.Module):
     return x + (jax.nn.silu(h @ w(self.gate_proj)) * (h @ w(self.up_proj))) @ w(self.down_proj)
 
 
+# What the backward pass keeps from the forward, per block. "dots" keeps the
+# matmuls' outputs (activations) and recomputes the rest, the all-gathered
+# weights included: FSDP's gather again in the backward pass, instead of all
+# L blocks' full weights staying alive on every device until then (on a CPU
+# mesh of 8 devices, 8 copies of the model in host RAM). A policy that saves
+# everything but a name given to the gathered weight does not do this: the
+# same value, unnamed, as the all-gather's output, is saved instead.
 REMAT = {"none": None,
-         "gathered": jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "full": jax.checkpoint_policies.nothing_saveable}
 
 
@@ -110,7 +119,7 @@ class ScanLlama(nnx.Module):
   """Decoder-only LLaMA whose `blocks` hold all L blocks stacked along
   `layer_axis` (0, or 1 as MaxText stores them)."""
 
-  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, remat: str = "gathered",
+  def __init__(self, cfg: LlamaConfig, *, layer_axis: int = 0, remat: str = "dots",
                rngs: nnx.Rngs):
     if layer_axis not in (0, 1):
       raise ValueError(f"layer_axis must be 0 or 1 (MaxText), got {layer_axis!r}")
@@ -118,11 +127,8 @@ class ScanLlama(nnx.Module):
       raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
     self.cfg = cfg
     self.layer_axis = layer_axis
-    # What the backward pass recomputes instead of keeping from the forward:
-    # "gathered" only the all-gathered weights (otherwise all L blocks' full
-    # weights stay alive on every device: 8 copies of the model on a CPU
-    # mesh, which is host RAM); "full" whole blocks, as large models do
-    # (MaxText's remat), used by the memory plan at 1B/8B shapes.
+    # "full" recomputes whole blocks, as large models do (MaxText's remat);
+    # the memory plan uses it at 1B/8B shapes.
     self.remat = remat
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
     if not cfg.tie_embeddings:
@@ -140,8 +146,7 @@ class ScanLlama(nnx.Module):
   def __call__(self, tokens):
     """tokens: int [batch, seq] -> float32 logits [batch, seq, vocab]."""
     cos, sin = rope_tables(tokens.shape[1], self.cfg.head_dim, self.cfg.rope_base)
-    embed = _gathered(self.embed_tokens[...])
-    x = _lookup(embed, tokens)
+    x = _lookup(self.embed_tokens[...], tokens)
 
     def run_block(block, x):
       return block(x, cos, sin)
@@ -156,7 +161,7 @@ class ScanLlama(nnx.Module):
     x = body(self.blocks, x)
     x = _rms_norm(x, _gathered(self.norm[...]), self.cfg.norm_eps)
     if self.cfg.tie_embeddings:
-      return x @ embed.T
+      return x @ _gathered(self.embed_tokens[...]).T
     return x @ _gathered(self.lm_head[...])
 
 
