@@ -4,6 +4,7 @@ from spd_optax import adam
 from spd_optax.layers import layer_axes_from_names
 from spd_optax.sharding import state_shardings
 from spd_optax.state import set_anchor
+from spd_optax.state import spd_state
 from spd_optax.state import spd_stats
 from spd_optax.strength import depth_scaled
 from spd_optax.transform import adam_spd
@@ -20,6 +21,7 @@ __all__ = [
     "layer_axes_from_names",
     "selective_projection_decay",
     "set_anchor",
+    "spd_state",
     "spd_stats",
     "state_shardings",
 ]

@@ -21,6 +21,35 @@ def spd_states_with_paths(state) -> list[tuple[str, SPDState]]:
   return [(jax.tree_util.keystr(p), s) for p, s in flat if _is_spd(s)]
 
 
+def spd_state(state) -> SPDState:
+  """The one `SPDState` inside an optimizer state, wherever it sits.
+
+  For reading its per-layer values by name, which
+  `optax.tree_utils.tree_get` cannot (they are properties over one packed
+  array): ``spd_optax.spd_state(opt_state).ratio`` is a tree like params,
+  per leaf the applied ratio of each layer at the last step.
+
+  Example:
+    ```python
+    optimizer = nnx.Optimizer(model, spd_optax.adam_spd(1e-4), wrt=nnx.Param)
+    ...
+    spd_optax.spd_state(optimizer.opt_state).condition
+    ```
+
+  Raises:
+    ValueError: if `state` holds no SPDState, or several (e.g. one per
+      `optax.multi_transform` group): their paths are named, and
+      `spd_optax.state.spd_states_with_paths` lists them all.
+  """
+  found = spd_states_with_paths(state)
+  if len(found) == 1:
+    return found[0][1]
+  _find(state)  # raises for none
+  raise ValueError(f"this optimizer state holds {len(found)} SPDStates, at "
+                   f"{[p for p, _ in found]}; pick one from "
+                   "spd_optax.state.spd_states_with_paths(state).")
+
+
 def _find(state) -> list[SPDState]:
   found = [s for _, s in spd_states_with_paths(state)]
   if not found:

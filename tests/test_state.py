@@ -294,3 +294,19 @@ def test_set_anchor_with_prefix_labels():
   np.testing.assert_array_equal(anchor["w"], new_anchor["w"])
   with pytest.raises(ValueError, match=r"extra \[\"\['tail'\]\"\]"):
     spd_optax.set_anchor(state, dict(new_anchor, tail=params["b"]))
+
+
+def test_spd_state_finds_the_one_state_and_refuses_ambiguity():
+  params = {"a": jnp.ones((3, 2)), "b": jnp.ones((2,))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), spd_optax.adam_spd(1e-2))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  found = spd_optax.spd_state(state)
+  assert isinstance(found, spd_optax.SPDState)
+  assert jax.tree.structure(found.ratio) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match="holds no SPDState"):
+    spd_optax.spd_state(optax.adam(1e-2).init(params))
+  two = optax.multi_transform({"x": spd_optax.adam_spd(1e-2), "y": spd_optax.adam_spd(1e-3)},
+                              {"a": "x", "b": "y"})
+  with pytest.raises(ValueError, match=r"holds 2 SPDStates.*spd_states_with_paths"):
+    spd_optax.spd_state(two.init(params))

@@ -148,11 +148,8 @@ def deviation_table(params, theta0, layer_axis):
 
 def layer_values(state, name):
   """[len(MATRICES), L] of SPD's per-layer `name` ("condition", "ratio",
-  "deviation") from the stacked state, or None for a state without SPD.
-  Read through the SPD state's properties (main packs the per-layer values;
-  optax.tree_utils.tree_get does not see properties)."""
-  found = spd_optax.state.spd_states_with_paths(state)
-  if not found:
+  "deviation") from the stacked state, or None for a state without SPD."""
+  if not spd_optax.state.spd_states_with_paths(state):
     return None
-  tree = getattr(found[0][1], name)
+  tree = getattr(spd_optax.spd_state(state), name)
   return np.stack([np.asarray(tree["blocks"][k]) for k in MATRICES])
