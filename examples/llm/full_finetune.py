@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import spd_optax
 from spd_optax import checkpoint as spd_checkpoint
-from examples.common import machine, write_table
+from examples.common import machine, method_color, pyplot, save_figure, write_table
 from examples.llm import convert, full_configs, scan_model
 from examples.llm.finetune import batch_indices, make_datasets, mark_selected
 from examples.llm.full_train import (MATRICES, deviation_table, evaluate, layer_values,
@@ -50,7 +50,6 @@ COLUMNS = ["method", "strength", "seed", "steps", "id_ppl", "ood_bible_ppl",
            "pydoc_ppl", "val_ppl", "selected", "deviation", "final_train_loss",
            "decayed_fraction", "train_s"]
 EVAL_SETS = ("id", "ood_bible", "pydoc", "val")
-COLOURS = {"adamw": "#1f77b4", "adam_spd": "#d62728"}
 
 
 def parse_args(argv):
@@ -198,17 +197,10 @@ def params_checksum(params) -> str:
 
 # --- report -----------------------------------------------------------------
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def plot_heatmap(history, path, title):
   """Blocks x logged steps: how many of a block's 7 matrices SPD pulled back
   (ratio > 0) at that step, and the mean applied ratio."""
-  plt = _plt()
+  plt = pyplot()
   steps = [h["step"] for h in history if "ratio" in h]
   ratio = np.stack([np.asarray(h["ratio"]) for h in history if "ratio" in h])  # [T, 7, L]
   pulled = (ratio > 0).sum(1).T                     # [L, T]
@@ -226,43 +218,37 @@ def plot_heatmap(history, path, title):
   axes[0].set_ylabel("block")
   axes[0].set_yticks(np.arange(0, pulled.shape[0], max(1, pulled.shape[0] // 10)))
   fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_scatter(rows, path, x, y, title):
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for method in dict.fromkeys(r["method"] for r in rows):
     pts = [r for r in rows if r["method"] == method]
     ax.scatter([r[x] for r in pts], [r[y] for r in pts], label=method,
-               color=COLOURS.get(method, "#7f7f7f"))
+               color=method_color(method))
   ax.set_xlabel(x)
   ax.set_ylabel(y)
   ax.set_title(title)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_block_deviation(devs, path, title):
   """devs: {label: [L] ‖θ − θ0‖ per block}; bars side by side per block."""
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(10, 3.8))
   width = 0.8 / len(devs)
   for i, (label, d) in enumerate(devs.items()):
     x = np.arange(len(d)) + (i - (len(devs) - 1) / 2) * width
-    ax.bar(x, d, width, label=label, color=COLOURS.get(label.split(" ")[0]))
+    ax.bar(x, d, width, label=label, color=method_color(label.split(" ")[0]))
   ax.set_xlabel("block")
   ax.set_xticks(np.arange(len(d)))
   ax.set_ylabel("‖θ − θ0‖ of the block's matrices")
   ax.set_title(title)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def paired_intervals(results, chosen, seeds):
