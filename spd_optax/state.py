@@ -41,13 +41,12 @@ def spd_state(state) -> SPDState:
       `optax.multi_transform` group): their paths are named, and
       `spd_optax.state.spd_states_with_paths` lists them all.
   """
-  found = spd_states_with_paths(state)
-  if len(found) == 1:
-    return found[0][1]
-  _find(state)  # raises for none
-  raise ValueError(f"this optimizer state holds {len(found)} SPDStates, at "
-                   f"{[p for p, _ in found]}; pick one from "
-                   "spd_optax.state.spd_states_with_paths(state).")
+  found = _find(state)
+  if len(found) > 1:
+    raise ValueError(f"this optimizer state holds {len(found)} SPDStates, at "
+                     f"{[p for p, _ in spd_states_with_paths(state)]}; pick one from "
+                     "spd_optax.state.spd_states_with_paths(state).")
+  return found[0]
 
 
 def _find(state) -> list[SPDState]:

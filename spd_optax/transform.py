@@ -467,8 +467,9 @@ def selective_projection_decay(
         continue
       g, p, a, u, ax, over = args[i]
       if anchor_on_host:
-        # After the previous leaf's update: only a leaf or two of the anchor
-        # is in device memory at a time.
+        # Tied to the previous leaf's update, so XLA cannot start this
+        # leaf's work before that one's is done (it may still start the
+        # transfer early: benchmarks/NOTES.md).
         a = projection.anchor_to_device(a, after=previous)
       results[i] = project(g, p, a, u, lams[i], ax, over)
       previous = results[i][0]
