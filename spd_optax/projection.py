@@ -65,7 +65,7 @@ def _sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def project(g, p, a, u, lam, axes, psum_axes=()):
+def project(g, p, a, u, lam, axes, psum_axes=(), sums=None):
   r"""SPD for one leaf whose layers index `axes`.
 
   With $d = \theta_{t-1} - \theta_0$ and $s = \langle u, 2d + u\rangle$
@@ -86,12 +86,15 @@ def project(g, p, a, u, lam, axes, psum_axes=()):
   shape of those axes; ``update`` is $\theta_t - \theta_{t-1}$ for
   `optax.apply_updates`, and exactly ``u`` on layers SPD leaves alone.
   Inside `jax.shard_map`, the per-layer sums are added over `psum_axes`.
+  `sums`, if given, are `layer_sums`'s, computed elsewhere (a kernel).
 
   The three stages (`layer_sums`, `layer_values`, `apply_scale`) are
   separate so that a step over many leaves can run the middle one once on
   every leaf's sums together (`selective_projection_decay` does).
   """
-  scale, *values = layer_values(*layer_sums(g, p, a, u, axes, psum_axes), lam)
+  if sums is None:
+    sums = layer_sums(g, p, a, u, axes, psum_axes)
+  scale, *values = layer_values(*sums, lam)
   return (apply_scale(p, a, u, scale, axes), *values)
 
 
@@ -145,7 +148,7 @@ def apply_scale(p, a, u, scale, axes):
   return jnp.where(scale != 0, (tilde - scale * away - p_acc).astype(u.dtype), u)
 
 
-def project_together(leaves: list, lams: list, like) -> list:
+def project_together(leaves: list, lams: list, like, sums=None) -> list:
   """`project` for several leaves, with one `layer_values` on the sums of
   all of them: the same numbers, in fewer small kernels.
 
@@ -154,13 +157,15 @@ def project_together(leaves: list, lams: list, like) -> list:
     lams: per leaf, its strength (a scalar or the layer axes' shape).
     like: the state's packed per-layer array, whose dtype (and, on an
       Explicit mesh, replicated placement) the joined sums take.
+    sums: per leaf, its `layer_sums` if computed elsewhere, else None.
 
   Returns:
     per leaf, ``(update, condition, ratio, deviation)`` as `project` does.
   """
   if not leaves:
     return []
-  sums = [layer_sums(g, p, a, u, axes, over) for g, p, a, u, axes, over in leaves]
+  sums = [layer_sums(g, p, a, u, axes, over) if given is None else given
+          for (g, p, a, u, axes, over), given in zip(leaves, sums or [None] * len(leaves))]
   shapes = [jnp.shape(s[0]) for s in sums]
   joined = [layout.concat([s[k] for s in sums], like) for k in range(3)]
   lam = layout.concat([jnp.broadcast_to(x, shape) for x, shape in zip(lams, shapes)], like)

@@ -6,6 +6,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import optax
 
@@ -345,6 +346,16 @@ def selective_projection_decay(
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models](https://arxiv.org/abs/2411.01713), NeurIPS 2024.
   """
+  return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
+              anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host,
+              axis_name=axis_name, norm=norm)
+
+
+def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
+         anchor_on_host, axis_name, norm, first_pass=None):
+  """`selective_projection_decay`. `first_pass`, if given, computes some
+  leaves' proposed updates, inner state and SPD sums itself
+  (`_pallas_first_pass`); the others take XLA's pass."""
   if anchor not in ANCHORS:
     raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}. For "
                      "any other anchor use spd_optax.set_anchor after init.")
@@ -447,10 +458,15 @@ def selective_projection_decay(
       _warn_if_anchor_on_device(paths, anchors_l)
 
     per_layer = trees.unwrap(state.per_layer)
-    out_u = list(proposed_l)
     on = [i for i, shape in enumerate(layout.shapes) if shape is not None]
     reduce_over = {i: _manual_axes(paths[i], (grads_l[i], params_l[i], anchors_l[i],
                                               proposed_l[i]), axis_name) for i in on}
+    sums = {}
+    if first_pass is not None:
+      proposed_l, inner_state, sums = first_pass(
+          treedef, paths, on, grads_l, params_l, anchors_l, axes_l, reduce_over,
+          state.inner_state, inner_state, proposed_l)
+    out_u = list(proposed_l)
     # A stacked leaf's per-layer values are [L]-sized arrays, which XLA:TPU
     # computes in small fusions of a fixed cost each, so those leaves get
     # theirs from one call for all; a one-layer leaf's are scalars, cheaper
@@ -460,7 +476,8 @@ def selective_projection_decay(
     args = {i: (grads_l[i], params_l[i], anchors_l[i], proposed_l[i], axes_l[i],
                 reduce_over[i]) for i in on}
     results = dict(zip(together, projection.project_together(
-        [args[i] for i in together], [lams[i] for i in together], per_layer)))
+        [args[i] for i in together], [lams[i] for i in together], per_layer,
+        [sums.get(i) for i in together])))
     previous = None
     for i in on:
       if i in results:
@@ -471,7 +488,8 @@ def selective_projection_decay(
         # leaf's work before that one's is done (it may still start the
         # transfer early: benchmarks/NOTES.md).
         a = projection.anchor_to_device(a, after=previous)
-      results[i] = project(g, p, a, u, lams[i], ax, over)
+      results[i] = project(g, p, a, u, lams[i], ax, over, **(
+          {"sums": sums[i]} if i in sums else {}))
       previous = results[i][0]
     for i in on:
       out_u[i] = results[i][0]
@@ -623,6 +641,7 @@ def adam_spd(
     mu_dtype: Any = None,
     axis_name: str | tuple[str, ...] | None = None,
     norm: str = "frobenius",
+    first_pass: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with Selective Projection Decay: the authors' ``AdamSPD``.
 
@@ -660,6 +679,16 @@ def adam_spd(
       over, as in `selective_projection_decay`.
     norm: ``"frobenius"`` or ``"rows_l1"`` (the authors' later "mars"
       row-wise norms), as in `selective_projection_decay`.
+    first_pass: who computes the first pass over each leaf (new moments
+      and SPD's per-layer sums): ``"xla"`` (the default), or ``"pallas"``,
+      one hand-written kernel per leaf (`spd_optax.kernels`: Mosaic on TPU,
+      Triton on GPU, Pallas' interpreter elsewhere), for leaves it takes
+      (float32, layers along axis 0 only, a TPU-tileable shape); the rest
+      take XLA's. Experimental: not measured faster on a device yet
+      (benchmarks/NOTES.md). A kernel runs on one device's data, so
+      ``"pallas"`` needs one device, or a call inside `jax.shard_map` (with
+      ``axis_name`` where leaves are split); it refuses leaves on a mesh
+      under a plain `jax.jit`, and ``anchor_on_host`` or ``"rows_l1"``.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -667,12 +696,73 @@ def adam_spd(
   """
   check_non_negative("learning_rate", learning_rate)
   mu_dtype = check_float_dtype("mu_dtype", mu_dtype)
+  if first_pass not in FIRST_PASSES:
+    raise ValueError(f"first_pass must be one of {FIRST_PASSES}, got {first_pass!r}.")
+  if first_pass == "pallas" and (anchor_on_host or norm != "frobenius"):
+    raise ValueError(
+        "first_pass='pallas' needs the anchor in device memory and "
+        f"norm='frobenius' (got anchor_on_host={anchor_on_host}, norm={norm!r}): "
+        "use first_pass='xla' with those.")
   inner = optax.chain(
       adam.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return selective_projection_decay(inner, weight_decay, anchor, mask,
-                                    layer_axes=layer_axes,
-                                    anchor_dtype=anchor_dtype,
-                                    anchor_on_host=anchor_on_host,
-                                    axis_name=axis_name, norm=norm)
+  return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
+              anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host,
+              axis_name=axis_name, norm=norm,
+              first_pass=None if first_pass == "xla" else
+              _pallas_first_pass(learning_rate, b1, b2, eps))
+
+
+FIRST_PASSES = ("xla", "pallas")
+
+
+def _pallas_first_pass(learning_rate, b1, b2, eps):
+  """`adam_spd`'s first pass over each leaf the kernel takes, as one Pallas
+  kernel (`kernels.first_pass`): the new moments and SPD's sums.
+
+  The inner Adam has already been traced in XLA; for these leaves its
+  moments and update are replaced by ones formed from the kernel's moments,
+  so XLA drops their computation from the compiled step.
+  """
+  from spd_optax import kernels  # Pallas only for those who ask for it
+
+  scale_lr = optax.scale_by_learning_rate(learning_rate)
+
+  def first_pass(treedef, paths, on, grads_l, params_l, anchors_l, axes_l,
+                 reduce_over, old_inner, new_inner, proposed_l):
+    (old_adam, old_lr), (new_adam, new_lr) = old_inner, new_inner
+    mu_l, nu_l = treedef.flatten_up_to(new_adam.mu), treedef.flatten_up_to(new_adam.nu)
+    old_mu, old_nu = treedef.flatten_up_to(old_adam.mu), treedef.flatten_up_to(old_adam.nu)
+    count = new_adam.count
+    # -η as scale_by_learning_rate applies it, schedules included.
+    neg_lr = scale_lr.update(jnp.ones((), jnp.float32), old_lr)[0]
+    coef = kernels.coefficients(
+        neg_lr, adam.bias_correction(b1, count, jnp.float32),
+        adam.bias_correction(b2, count, jnp.float32), b1, b2, eps)
+    manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+    sums, taken = {}, []
+    for i in on:
+      g, p, a = grads_l[i], params_l[i], anchors_l[i]
+      if not kernels.supports(g, p, a, old_mu[i], old_nu[i], axes_l[i]):
+        continue
+      mesh = layout_lib.mesh_of(p)
+      if mesh is not None and mesh.size > 1 and not manual:
+        raise ValueError(
+            f"first_pass='pallas': params{paths[i]} is on a mesh of {mesh.size} "
+            "devices under jax.jit, where a Pallas kernel is not partitioned "
+            "(it would gather the whole leaf on every device). Call the "
+            "optimizer inside jax.shard_map (with axis_name= naming the axes "
+            "leaves are split over), or use first_pass='xla'.")
+      mu_l[i], nu_l[i], s = kernels.first_pass(g, p, a, old_mu[i], old_nu[i],
+                                               coef, axes_l[i])
+      sums[i] = lax.psum(s, reduce_over[i]) if reduce_over[i] else s
+      taken.append(i)
+    directions = [adam.direction(mu_l[i], nu_l[i], count, b1, b2, eps) for i in taken]
+    proposed_l = list(proposed_l)
+    for i, u in zip(taken, scale_lr.update(directions, old_lr)[0]):
+      proposed_l[i] = u
+    new_adam = new_adam._replace(mu=treedef.unflatten(mu_l), nu=treedef.unflatten(nu_l))
+    return proposed_l, (new_adam, new_lr), sums
+
+  return first_pass

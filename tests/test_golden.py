@@ -17,13 +17,13 @@ def test_golden_files_present():
   assert len(CASES) >= 4, f"expected the golden trajectories in {GOLDEN}"
 
 
-def _replay(z, meta, jit, steps):
+def _replay(z, meta, jit, steps, **options):
   names = meta["leaves"]
   params = {n: jax.numpy.asarray(z[f"init/{n}"]) for n in names}
   tx = spd_optax.adam_spd(
       meta["learning_rate"], b1=meta["b1"], b2=meta["b2"], eps=meta["eps"],
       weight_decay=meta["weight_decay"],
-      anchor="params" if meta["anchor"] == "init" else "zeros")
+      anchor="params" if meta["anchor"] == "init" else "zeros", **options)
   state = tx.init(params)
 
   def step(params, state, grads):

@@ -1,0 +1,196 @@
+"""The Pallas first pass of adam_spd (spd_optax.kernels), run in Pallas'
+interpreter on the CPU: each backend's kernel against the XLA arithmetic,
+and the whole optimizer against its XLA path and the reference."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import spd_optax
+from spd_optax import kernels
+from test_golden import CASES, _replay
+
+B1, B2, EPS, LR = 0.9, 0.999, 1e-8, 1e-2
+
+
+def _leaf(shape, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  g, p, a, m, v = (jax.random.normal(k, shape) for k in keys)
+  return g, p, a, m, jnp.abs(v)
+
+
+def _xla_pass(g, p, a, m, v, axes, count=3):
+  """The moments as adam.scale_by_adam forms them, and the sums of
+  projection.layer_sums, summed in float64 (XLA:CPU's float32 reduction
+  of 2^19 terms is off by 1e-4 relative; the kernels' blocked sums are
+  closer)."""
+  m = (1 - B1) * g + B1 * m
+  v = (1 - B2) * g * g + B2 * v
+  u = -LR * spd_optax.adam.direction(m, v, jnp.asarray(count), B1, B2, EPS)
+  g, p, u = (np.asarray(x, np.float64) for x in (g, p, u))
+  d = p if a is None else p - np.asarray(a, np.float64)
+  reduced = tuple(i for i in range(p.ndim) if i not in axes)
+  return m, v, tuple(np.sum(t, axis=reduced) for t in (g * d, d * d, u * (2 * d + u)))
+
+
+def _coef(count=3):
+  c = jnp.asarray(count)
+  return kernels.coefficients(-LR, spd_optax.adam.bias_correction(B1, c, jnp.float32),
+                              spd_optax.adam.bias_correction(B2, c, jnp.float32),
+                              B1, B2, EPS)
+
+
+# Each kernel's own shapes: the TPU kernel's tile (rows of 8, columns of
+# 128) with several blocks each way, and shapes only the Triton kernel's
+# masked flat blocks take.
+TPU_SHAPES = [((16, 256), ()), ((3, 24, 384), (0,)), ((2, 8, 4, 128), (0,)),
+              ((512, 1024), ())]
+GPU_SHAPES = TPU_SHAPES + [((5, 7), ()), ((4, 3, 1000), (0,)), ((33,), ())]
+
+
+@pytest.mark.parametrize("platform,shape,axes",
+                         [("tpu", *c) for c in TPU_SHAPES] + [("gpu", *c) for c in GPU_SHAPES])
+@pytest.mark.parametrize("anchored", [True, False], ids=["anchor", "zeros"])
+def test_kernel_matches_xla_pass(platform, shape, axes, anchored):
+  g, p, a, m, v = _leaf(shape)
+  a = a if anchored else None
+  got = kernels.first_pass(g, p, a, m, v, _coef(), axes, platform=platform)
+  want = _xla_pass(g, p, a, m, v, axes)
+  # The moments' arithmetic is XLA's, but XLA may contract it differently.
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+  layer_shape = shape[:1] if axes else ()
+  for s, w in zip(got[2], want[2]):
+    assert s.shape == layer_shape and s.dtype == jnp.float32
+    # Float32 sums of up to 2^19 terms: their rounding, relative to the
+    # terms' magnitudes (a few units of 1e-7 per element summed).
+    np.testing.assert_allclose(s, w, rtol=2e-6, atol=1e-6 * np.sqrt(np.prod(shape)))
+
+
+def test_kernels_take_float32_leaves_with_leading_layers():
+  f32, f64 = (jax.ShapeDtypeStruct((8, 128), t) for t in (jnp.float32, jnp.float64))
+  assert kernels.supports(f32, f32, None, f32, f32, ())
+  assert kernels.supports(f32, f32, f32, f32, f32, (0,))
+  assert not kernels.supports(f32, f32, None, f32, f32, (1,))
+  bf16 = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16)
+  assert not kernels.supports(f32, f32, None, bf16, f32, ())  # mu_dtype
+  assert not kernels.supports(f64, f64, None, f64, f64, ())
+  scalars = jax.ShapeDtypeStruct((8,), jnp.float32)  # a stack of scalars
+  assert not kernels.supports(scalars, scalars, None, scalars, scalars, (0,))
+
+
+PARAMS = {"w": (16, 256), "b": (256,), "blocks": (3, 8, 128), "odd": (5, 7),
+          "head": (4, 16)}
+LAYER_AXES = {"w": None, "b": None, "blocks": 0, "odd": None, "head": None}
+
+
+def _run(tx, steps=6):
+  keys = iter(jax.random.split(jax.random.key(3), len(PARAMS)))
+  params0 = {k: jax.random.normal(next(keys), s) for k, s in PARAMS.items()}
+
+  @jax.jit
+  def step(p, state, t):
+    # Away from θ_0 for a few steps, then back: SPD fires and then does not.
+    g = jax.tree.map(lambda x, x0: jnp.sin(x0 * (t + 1.3)) * 0.01
+                     + jnp.where(t < 4, 3.0, -3.0) * (x - x0), p, params0)
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  p, state = params0, tx.init(params0)
+  for t in range(steps):
+    p, state = step(p, state, t)
+  return p, state
+
+
+@pytest.mark.parametrize("anchor", ["params", "zeros"])
+def test_adam_spd_pallas_matches_xla(anchor):
+  kw = dict(weight_decay=0.7, anchor=anchor, layer_axes=LAYER_AXES,
+            mask={"w": True, "b": True, "blocks": True, "odd": True, "head": False})
+  want_p, want_s = _run(spd_optax.adam_spd(LR, **kw))
+  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw))
+  for k in PARAMS:
+    np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
+  plain, _ = _run(spd_optax.adam_spd(LR, **(kw | {"weight_decay": 0.0})))
+  assert all(np.abs(plain[k] - want_p[k]).max() > 1e-4 for k in ("w", "blocks"))  # SPD acted
+  for x, y in zip(jax.tree.leaves(got_s.inner_state), jax.tree.leaves(want_s.inner_state)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_first_pass_is_in_the_step():
+  tx = spd_optax.adam_spd(LR, layer_axes=LAYER_AXES, first_pass="pallas")
+  params = {k: jnp.ones(s) for k, s in PARAMS.items()}
+  jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+  # One kernel per leaf, each once per backend branch (TPU, GPU, others).
+  assert jaxpr.count("pallas_call") >= 2 * len(PARAMS)
+
+
+def test_pallas_under_inject_hyperparams_and_a_schedule():
+  schedule = optax.linear_schedule(LR, LR / 4, 6)
+  make = lambda fp: optax.inject_hyperparams(spd_optax.adam_spd, static_args=(
+      "layer_axes", "first_pass"))(learning_rate=schedule, weight_decay=0.5,
+                                   layer_axes=LAYER_AXES, first_pass=fp)
+  want_p, _ = _run(make("xla"))
+  got_p, _ = _run(make("pallas"))
+  for k in PARAMS:
+    np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", [c for c in CASES if "fp32" in c.stem],
+                         ids=lambda c: c.stem)
+def test_pallas_first_pass_replays_reference(path):
+  z = np.load(path)
+  meta = json.loads(str(z["meta"]))
+  for t, params, _, _ in _replay(z, meta, jit=True, steps=meta["steps"],
+                                 first_pass="pallas"):
+    for n in meta["leaves"]:
+      want = z[f"param/{t}/{n}"].astype(np.float64)
+      err = (np.linalg.norm(np.asarray(params[n], np.float64) - want)
+             / max(np.linalg.norm(want), 1e-30))
+      assert err <= 1e-5, f"step {t} leaf {n}: relative error {err:.2e}"
+
+
+def test_pallas_refusals():
+  with pytest.raises(ValueError, match="first_pass must be one of"):
+    spd_optax.adam_spd(LR, first_pass="triton")
+  with pytest.raises(ValueError, match="anchor in device memory"):
+    spd_optax.adam_spd(LR, first_pass="pallas", anchor_on_host=True)
+  with pytest.raises(ValueError, match="norm='frobenius'"):
+    spd_optax.adam_spd(LR, first_pass="pallas", norm="rows_l1")
+
+
+@pytest.mark.parametrize("axis_types", ["explicit", "auto"])
+def test_pallas_refuses_a_mesh_under_plain_jit(axis_types):
+  types = {"explicit": jax.sharding.AxisType.Explicit,
+           "auto": jax.sharding.AxisType.Auto}[axis_types]
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(types,))
+  params = jax.device_put({"w": jnp.ones((16, 128))}, NamedSharding(mesh, P("x")))
+  tx = spd_optax.adam_spd(LR, first_pass="pallas")
+  state = jax.jit(tx.init)(params)
+  with pytest.raises(ValueError, match=r"params\['w'\] is on a mesh of 8 devices.*shard_map"):
+    jax.jit(tx.update)(params, state, params)
+
+
+def test_pallas_inside_shard_map_sums_over_devices():
+  # Hand-written FSDP: rows split over 8 devices; each kernel sums its
+  # device's rows and SPD adds the sums over the axis.
+  import test_shard_map as fsdp
+  mesh = jax.make_mesh((8,), ("x",))
+  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=1.0,
+                                         layer_axes=fsdp.LAYER_AXES, **kw)
+  want_params, want_state = fsdp.reference(make())
+  # Pallas' interpreter pads blocks with values that vary over no axis,
+  # which shard_map's varying-axes check refuses (on a device, the kernel
+  # is not interpreted): the interpreted run goes without that check.
+  got_params, got_state = fsdp.sharded_run(make(axis_name="x", first_pass="pallas"),
+                                           mesh, check_vma=False)
+  for k in fsdp.SHAPES:
+    np.testing.assert_allclose(np.asarray(got_params[k]), want_params[k],
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_state.per_layer),
+                             np.asarray(want_state.per_layer), rtol=1e-5, atol=1e-6)
