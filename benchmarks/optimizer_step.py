@@ -107,23 +107,35 @@ def naive_spd(lr, weight_decay):
   return optax.GradientTransformation(init, update)
 
 
+# Also time adam_spd with its Pallas first pass: None for where it is
+# compiled (not on a CPU, where it runs in Pallas' interpreter).
+PALLAS = None
+
+
 def optimizers(shapes, stacked, lr=1e-4):
   """name -> (optimizer, parameter shapes) for one set."""
+  pallas = PALLAS if PALLAS is not None else jax.default_backend() != "cpu"
   if not stacked:
-    return {
+    out = {
         "optax.adamw": (optax.adamw(lr, weight_decay=0.1), shapes),
         "optax.adam": (optax.adam(lr), shapes),
         "naive SPD": (naive_spd(lr, 1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
     }
-  stacked_shapes, layer_axes = stack_blocks(shapes)
-  return {
-      "optax.adamw": (optax.adamw(lr, weight_decay=0.1), stacked_shapes),
-      "optax.adam": (optax.adam(lr), stacked_shapes),
-      "adam_spd unstacked": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
-      "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
-                   stacked_shapes),
-  }
+    layer_axes = None
+  else:
+    stacked_shapes, layer_axes = stack_blocks(shapes)
+    out = {
+        "optax.adamw": (optax.adamw(lr, weight_decay=0.1), stacked_shapes),
+        "optax.adam": (optax.adam(lr), stacked_shapes),
+        "adam_spd unstacked": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
+        "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
+                     stacked_shapes),
+    }
+  if pallas:
+    out["adam_spd pallas"] = (spd_optax.adam_spd(
+        lr, weight_decay=1.0, layer_axes=layer_axes, first_pass="pallas"), out["adam_spd"][1])
+  return out
 
 
 def make_step(tx, steps_per_call=1):

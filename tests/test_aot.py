@@ -70,3 +70,22 @@ def test_host_anchor_moved_per_leaf_lowers_the_peak(v5e):
                         jnp.float32, host_anchor=True)
   assert chained["host_argument_bytes"] > 0  # the anchor is an argument on the host
   assert chained["peak_bytes"] < on_device["peak_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["unstacked", "stacked"])
+def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
+  # Mosaic lowers the kernel for XLA:TPU; inside shard_map (hand-written
+  # FSDP×TP, sums added over both axes) each device runs it on its part.
+  # The new moments overwrite the donated old ones: no copies, 12 words.
+  shapes, layer_axes = sets()[layout]
+  tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas",
+                          axis_name=aot.SHARD_MAP_AXES)
+  r = aot.analyse(tx, shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
+  assert r["kernels"].get("custom-call", 0) >= 4, r["kernels"]  # the matrices'
+  assert r["kernels_without_estimate"] == r["kernels"]["custom-call"]
+  assert r["param_sized_copies"] == 0, r["kernels"]
+  assert r["words_per_param"] < 12.1
+  xla = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes,
+                                       axis_name=aot.SHARD_MAP_AXES),
+                    shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
+  assert r["arrays_in"] == xla["arrays_in"] and r["arrays_out"] == xla["arrays_out"]
