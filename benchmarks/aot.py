@@ -37,8 +37,10 @@ computation of the optimized HLO:
 "naive SPD" is optax.adam plus SPD written per leaf as the reference writes
 it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
 "adam_spd host-anchor" keeps the anchor in pinned host memory
-(``anchor_on_host=True``); "host-anchor per-leaf" is the prototype of
-bringing it in leaf by leaf with `spd_optax.projection.anchor_to_device`.
+(``anchor_on_host=True``), brought in leaf by leaf. "adam_spd pallas" takes
+its first pass from `spd_optax.kernels` (Pallas), which XLA:TPU's cost model
+gives no estimate; on a sharded slice it runs inside `jax.shard_map`, as
+does "adam_spd in shard_map" (the XLA pass) beside it.
 """
 
 import argparse
@@ -172,33 +174,6 @@ def naive_spd(lr, weight_decay):
   return optimizer_step.naive_spd(lr, weight_decay)
 
 
-def prototype_host_anchor(lr, weight_decay, layer_axes):
-  """adam_spd's arithmetic with a host anchor brought to the device leaf by
-  leaf through `projection.anchor_to_device`: what the library's update is
-  to do. State: (adam state, host anchor)."""
-  inner = spd_optax.adam.scale_by_adam()
-  lr_tx = optax.scale_by_learning_rate(lr)
-
-  def init(params):
-    anchor = jax.tree.map(jnp.copy, params)
-    return inner.init(params), jax.device_put(anchor, jax.memory.Space.Host)
-
-  def update(grads, state, params):
-    u, inner_state = inner.update(grads, state[0], params)
-    u, _ = lr_tx.update(u, optax.EmptyState())
-    lam = jnp.asarray(weight_decay, jnp.float32)
-    names = list(params)
-    out, after = {}, None
-    for k in names:
-      ax = () if layer_axes is None or layer_axes[k] is None else (layer_axes[k],)
-      a = projection.anchor_to_device(state[1][k], after)
-      out[k], *_ = projection.project(grads[k], params[k], a, u[k], lam, ax)
-      after = out[k]
-    return out, (inner_state, state[1])
-
-  return optax.GradientTransformation(init, update)
-
-
 def optimizers(layer_axes, lr=1e-4, host_anchor=True, sharded=False):
   """name -> optimizer for one set (`layer_axes` None when unstacked). A
   name ending in "in shard_map" is compiled inside `jax.shard_map` over the
@@ -222,8 +197,6 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, sharded=False):
   if host_anchor:
     out["adam_spd host-anchor"] = spd_optax.adam_spd(
         lr, weight_decay=1.0, layer_axes=layer_axes, anchor_on_host=True)
-    if hasattr(projection, "anchor_to_device"):
-      out["host-anchor per-leaf"] = prototype_host_anchor(lr, 1.0, layer_axes)
   return out
 
 
@@ -454,7 +427,7 @@ def state_shardings(tx, params, target, host_anchor=False):
         tx, lambda _, s: s, abstract, psh,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  except Exception:  # naive SPD / the prototype: (adam state, anchor)
+  except Exception:  # naive SPD: (adam state, anchor)
     adam = optax.tree_map_params(optax.adam(1e-4), lambda _, s: s,
                                  abstract[0], psh,
                                  transform_non_params=lambda _: replicated)

@@ -64,12 +64,20 @@ def test_arrays_in_and_out_are_the_steps_own(v5e):
   assert r["arrays_in"] <= 2 * n + r["state_arrays"]
 
 
-def test_host_anchor_moved_per_leaf_lowers_the_peak(v5e):
-  on_device = aot.analyse(spd_optax.adam_spd(1e-3), BLOCKS, None, v5e, jnp.float32)
-  chained = aot.analyse(aot.prototype_host_anchor(1e-3, 1.0, None), BLOCKS, None, v5e,
-                        jnp.float32, host_anchor=True)
-  assert chained["host_argument_bytes"] > 0  # the anchor is an argument on the host
-  assert chained["peak_bytes"] < on_device["peak_bytes"]
+@pytest.mark.parametrize("layout", ["unstacked", "stacked"])
+def test_host_anchor_lowers_the_device_peak(v5e, layout):
+  shapes, layer_axes = sets()[layout]
+  on_device = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
+                          layer_axes, v5e, jnp.float32)
+  on_host = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes, anchor_on_host=True),
+                        shapes, layer_axes, v5e, jnp.float32, host_anchor=True)
+  anchor = on_host["host_argument_bytes"]  # per device, all of it on the host
+  assert anchor > 0
+  # XLA:TPU's peak counts the pinned_host anchor too: without it, the step
+  # holds at least half an anchor less device memory than with the anchor
+  # on the device (leaf by leaf, only a few leaves' anchors are moved in).
+  assert on_host["peak_bytes"] == on_host["device_peak_bytes"] + anchor
+  assert on_host["device_peak_bytes"] < on_device["peak_bytes"] - anchor / 2
 
 
 @pytest.mark.parametrize("layout", ["unstacked", "stacked"])
@@ -81,7 +89,10 @@ def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
   tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas",
                           axis_name=aot.SHARD_MAP_AXES)
   r = aot.analyse(tx, shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
-  assert r["kernels"].get("custom-call", 0) >= 4, r["kernels"]  # the matrices'
+  # One kernel per matrix (a norm's part per device is not a TPU tile: XLA's).
+  matrices = sum(len(s) - (layer_axes is not None and layer_axes[k] is not None) == 2
+                 for k, s in shapes.items())
+  assert r["kernels"].get("custom-call", 0) == matrices > 0, r["kernels"]
   assert r["kernels_without_estimate"] == r["kernels"]["custom-call"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   assert r["words_per_param"] < 12.1
