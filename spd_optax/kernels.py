@@ -42,9 +42,10 @@ GPU_WARPS = 8
 TPU_MAX_BLOCK = (256, 512)
 
 
-def supports(g, p, a, m, v, axes) -> bool:
-  """Whether the kernels take this leaf: float32 throughout (float64 and
-  mixed dtypes keep XLA's pass, which forms the update before rounding the
+def supports(g, p, a, m, v, axes: tuple[int, ...]) -> bool:
+  """Whether the kernels take a leaf, given its gradient, params, anchor
+  (or None), moments and layer axes: float32 throughout (float64 and mixed
+  dtypes keep XLA's pass, which forms the update before rounding the
   moments) and layers along axis 0 only."""
   arrays = [g, p, m, v] + ([] if a is None else [a])
   return (all(x.dtype == jnp.float32 for x in arrays) and axes in ((), (0,))
@@ -208,12 +209,17 @@ def _xla(coef, g, p, a, m, v, *, interpret=False):
   return m, v, tuple(jnp.sum(t, axis=(1, 2)) for t in terms)
 
 
-def first_pass(g, p, a, m, v, coef, axes, *, platform=None):
+def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
+               v: jax.Array, coef: jax.Array, axes: tuple[int, ...], *,
+               platform: str | None = None) -> tuple:
   """New moments and per-layer SPD sums of one leaf, from one kernel.
 
   Args:
-    g, p, m, v: the leaf's gradient, params and Adam moments (`supports`);
-      ``a`` its anchor, or None for θ_0 = 0.
+    g: the leaf's gradient (`supports` says which leaves a kernel takes).
+    p: its params θ_{t-1}.
+    a: its anchor θ_0, or None for θ_0 = 0.
+    m: Adam's first moment before the step; the kernel writes over it.
+    v: Adam's second moment before the step; written over too.
     coef: `coefficients`.
     axes: the leaf's layer axes, ``()`` or ``(0,)``.
     platform: ``"tpu"`` or ``"gpu"``: that backend's kernel in Pallas'
