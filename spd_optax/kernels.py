@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
@@ -250,3 +251,30 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
   shape = g.shape[:1] if axes else ()
   return (m_new.reshape(m.shape), v_new.reshape(v.shape),
           tuple(s.reshape(shape) for s in sums))
+
+
+def on_each_device(g, p, a, m, v, coef, axes):
+  """`first_pass` for a leaf on an Explicit mesh under `jax.jit` (whose
+  placement its type carries): each device runs the kernel on its part in
+  a `jax.shard_map`, and a layer's sums are added over the mesh axes that
+  split its elements. The gradient, anchor and moments are placed like the
+  params first (a no-op when they already are)."""
+  sharding = jax.typeof(p).sharding
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (p.ndim - len(sharding.spec))
+  names = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  within = tuple(n for entry in spec[len(axes):] for n in names(entry))
+  leaf = P(*spec)
+  sums_spec = P(spec[0]) if axes else P()  # the layer axis may be split too
+  place = lambda x: jax.sharding.reshard(x, NamedSharding(mesh, leaf))
+  arrays = [place(x) for x in (g, p, a, m, v) if x is not None]
+
+  def local(coef, g, p, *rest):
+    a, m, v = rest if len(rest) == 3 else (None, *rest)
+    m, v, sums = first_pass(g, p, a, m, v, coef, axes)
+    return m, v, tuple(lax.psum(s, within) if within else s for s in sums)
+
+  # Unchecked: Pallas' interpreter (off accelerators) pads blocks with
+  # values that vary over no axis, which the check refuses.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (leaf,) * len(arrays),
+                       out_specs=(leaf, leaf, (sums_spec,) * 3), check_vma=False)(
+                           jax.sharding.reshard(coef, NamedSharding(mesh, P())), *arrays)

@@ -683,12 +683,14 @@ def adam_spd(
       and SPD's per-layer sums): ``"xla"`` (the default), or ``"pallas"``,
       one hand-written kernel per leaf (`spd_optax.kernels`: Mosaic on TPU,
       Triton on GPU, Pallas' interpreter elsewhere), for leaves it takes
-      (float32, layers along axis 0 only, a TPU-tileable shape); the rest
-      take XLA's. Experimental: not measured faster on a device yet
-      (benchmarks/NOTES.md). A kernel runs on one device's data, so
-      ``"pallas"`` needs one device, or a call inside `jax.shard_map` (with
-      ``axis_name`` where leaves are split); it refuses leaves on a mesh
-      under a plain `jax.jit`, and ``anchor_on_host`` or ``"rows_l1"``.
+      (float32, layers along axis 0 only); the rest take XLA's.
+      Experimental: not measured faster on a device yet
+      (benchmarks/NOTES.md). A kernel runs on one device's data: on a mesh
+      with Explicit axes (`jax.make_mesh`'s default) each device runs it on
+      its part, inside `jax.shard_map` too (with ``axis_name`` where leaves
+      are split); a mesh with Auto axes under a plain `jax.jit` is refused
+      (the leaves' placement is not known there), and so are
+      ``anchor_on_host`` and ``"rows_l1"``.
 
   References:
     Tian et al., [Rethinking Weight Decay for Robust Fine-Tuning of
@@ -746,16 +748,20 @@ def _pallas_first_pass(learning_rate, b1, b2, eps):
       g, p, a = grads_l[i], params_l[i], anchors_l[i]
       if not kernels.supports(g, p, a, old_mu[i], old_nu[i], axes_l[i]):
         continue
+      run = kernels.first_pass
       mesh = layout_lib.mesh_of(p)
       if mesh is not None and mesh.size > 1 and not manual:
-        raise ValueError(
-            f"first_pass='pallas': params{paths[i]} is on a mesh of {mesh.size} "
-            "devices under jax.jit, where a Pallas kernel is not partitioned "
-            "(it would gather the whole leaf on every device). Call the "
-            "optimizer inside jax.shard_map (with axis_name= naming the axes "
-            "leaves are split over), or use first_pass='xla'.")
-      mu_l[i], nu_l[i], s = kernels.first_pass(g, p, a, old_mu[i], old_nu[i],
-                                               coef, axes_l[i])
+        if layout_lib.explicit_mesh(p) is None:
+          raise ValueError(
+              f"first_pass='pallas': params{paths[i]} is on a mesh of {mesh.size} "
+              "devices with Auto axes under jax.jit, whose placement of the leaf "
+              "the step cannot see, and a Pallas kernel is not partitioned (it "
+              "would gather the whole leaf on every device). Use a mesh with "
+              "Explicit axes (jax.make_mesh's default), call the optimizer "
+              "inside jax.shard_map (with axis_name= naming the axes leaves are "
+              "split over), or use first_pass='xla'.")
+        run = kernels.on_each_device
+      mu_l[i], nu_l[i], s = run(g, p, a, old_mu[i], old_nu[i], coef, axes_l[i])
       sums[i] = lax.psum(s, reduce_over[i]) if reduce_over[i] else s
       taken.append(i)
     directions = [adam.direction(mu_l[i], nu_l[i], count, b1, b2, eps) for i in taken]

@@ -100,3 +100,16 @@ def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
                                        axis_name=aot.SHARD_MAP_AXES),
                     shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
   assert r["arrays_in"] == xla["arrays_in"] and r["arrays_out"] == xla["arrays_out"]
+
+
+def test_pallas_first_pass_compiles_for_tpu_on_an_explicit_mesh(v5e):
+  # Under a plain jit on a mesh with Explicit axes (jax.make_mesh's default)
+  # the step runs each leaf's kernel per device itself.
+  from jax.sharding import AxisType, Mesh
+  explicit = aot.Target("v5e:2x2 explicit", Mesh(v5e.mesh.devices, v5e.mesh.axis_names,
+                                                  axis_types=(AxisType.Explicit,) * 2), "tpu")
+  shapes, layer_axes = sets()["stacked"]
+  tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas")
+  r = aot.analyse(tx, shapes, layer_axes, explicit, jnp.float32)
+  assert r["kernels"].get("custom-call", 0) == 2, r["kernels"]  # the two matrices
+  assert r["param_sized_copies"] == 0 and r["words_per_param"] < 12.1, r["kernels"]

@@ -89,9 +89,9 @@ PARAMS = {"w": (16, 256), "b": (256,), "blocks": (3, 8, 128), "odd": (5, 7),
 LAYER_AXES = {"w": None, "b": None, "blocks": 0, "odd": None, "head": None}
 
 
-def _run(tx, steps=6):
-  keys = iter(jax.random.split(jax.random.key(3), len(PARAMS)))
-  params0 = {k: jax.random.normal(next(keys), s) for k, s in PARAMS.items()}
+def _run(tx, steps=6, shapes=PARAMS, place=lambda t: t):
+  keys = iter(jax.random.split(jax.random.key(3), len(shapes)))
+  params0 = place({k: jax.random.normal(next(keys), s) for k, s in shapes.items()})
 
   @jax.jit
   def step(p, state, t):
@@ -164,16 +164,35 @@ def test_pallas_refusals():
     spd_optax.adam_spd(LR, first_pass="pallas", norm="rows_l1")
 
 
-@pytest.mark.parametrize("axis_types", ["explicit", "auto"])
-def test_pallas_refuses_a_mesh_under_plain_jit(axis_types):
-  types = {"explicit": jax.sharding.AxisType.Explicit,
-           "auto": jax.sharding.AxisType.Auto}[axis_types]
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(types,))
+def test_pallas_refuses_an_auto_mesh_under_plain_jit():
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   params = jax.device_put({"w": jnp.ones((16, 128))}, NamedSharding(mesh, P("x")))
   tx = spd_optax.adam_spd(LR, first_pass="pallas")
   state = jax.jit(tx.init)(params)
-  with pytest.raises(ValueError, match=r"params\['w'\] is on a mesh of 8 devices.*shard_map"):
+  with pytest.raises(ValueError, match=r"params\['w'\] is on a mesh of 8 devices with "
+                     r"Auto axes.*Explicit axes.*shard_map"):
     jax.jit(tx.update)(params, state, params)
+
+
+def test_pallas_on_an_explicit_mesh_runs_per_device():
+  # jax.make_mesh's default (Explicit axes): the leaf's placement is in its
+  # type, so each device runs the kernel on its part and the sums are added
+  # over the axes that split a layer, whole leaves and stacked ones whose
+  # layer axis is split too.
+  mesh = jax.make_mesh((4, 2), ("d", "m"))
+  assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+  specs = {"w": P("d", "m"), "b": P("m"), "blocks": P("d", None, "m"), "odd": P(),
+           "head": P()}
+  shapes = PARAMS | {"blocks": (4, 8, 128)}
+  kw = dict(weight_decay=0.7, layer_axes=LAYER_AXES)
+  want_p, want_s = _run(spd_optax.adam_spd(LR, **kw), shapes=shapes)
+  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw), shapes=shapes,
+                      place=lambda t: jax.device_put(
+                          t, {k: NamedSharding(mesh, s) for k, s in specs.items()}))
+  for k in shapes:
+    assert got_p[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), len(shapes[k]))
+    np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=2e-6)
+  np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-6)
 
 
 def test_pallas_inside_shard_map_sums_over_devices():
