@@ -77,6 +77,7 @@ def check_non_negative(name: str, value) -> None:
 
 
 NORMS = ("frobenius", "rows_l1")
+FIRST_PASSES = ("xla", "pallas")
 
 
 def is_per_leaf(weight_decay) -> bool:
@@ -488,8 +489,8 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
         # leaf's work before that one's is done (it may still start the
         # transfer early: benchmarks/NOTES.md).
         a = projection.anchor_to_device(a, after=previous)
-      results[i] = project(g, p, a, u, lams[i], ax, over, **(
-          {"sums": sums[i]} if i in sums else {}))
+      given = {"sums": sums[i]} if i in sums else {}  # a kernel's (frobenius only)
+      results[i] = project(g, p, a, u, lams[i], ax, over, **given)
       previous = results[i][0]
     for i in on:
       out_u[i] = results[i][0]
@@ -714,9 +715,6 @@ def adam_spd(
               axis_name=axis_name, norm=norm,
               first_pass=None if first_pass == "xla" else
               _pallas_first_pass(learning_rate, b1, b2, eps))
-
-
-FIRST_PASSES = ("xla", "pallas")
 
 
 def _pallas_first_pass(learning_rate, b1, b2, eps):
