@@ -235,19 +235,26 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
   layers = g.shape[0] if axes else 1
   view = (layers, -1, p.shape[-1]) if p.ndim > len(axes) + 1 else (layers, 1, -1)
   views = [x if x is None else x.reshape(view) for x in (g, p, a, m, v)]
+
+  def on(call, interpret=False):
+    def run(coef, g, p, *rest):  # the anchor, if any, between p and m
+      a, m, v = rest if len(rest) == 3 else (None, *rest)
+      return call(coef, g, p, a, m, v, interpret=interpret)
+    return run
+
   if platform is not None:
-    m_new, v_new, sums = {"tpu": _tpu, "gpu": _gpu}[platform](
-        coef, *views, interpret=True)
+    run = on({"tpu": _tpu, "gpu": _gpu}[platform], interpret=True)
   else:
-    def on(call, interpret=False):
-      def run(coef, g, p, *rest):
-        a, m, v = rest if len(rest) == 3 else (None, *rest)
-        return call(coef, g, p, a, m, v, interpret=interpret)
-      return run
     tpu = _tpu if _tileable(views[0].shape) else _xla
-    m_new, v_new, sums = lax.platform_dependent(
-        coef, *(x for x in views if x is not None),
-        tpu=on(tpu), cuda=on(_gpu), default=on(_gpu, interpret=True))
+    run = lambda *xs: lax.platform_dependent(
+        *xs, tpu=on(tpu), cuda=on(_gpu), default=on(_gpu, interpret=True))
+  # A kernel that writes over its inputs has no derivative in JAX: the
+  # derivative is that of the same arithmetic in jnp (`jax.grad` through
+  # `update` works as on XLA's pass).
+  run = jax.custom_jvp(run)
+  run.defjvp(lambda primals, tangents: (
+      run(*primals), jax.jvp(on(_xla), primals, tangents)[1]))
+  m_new, v_new, sums = run(coef, *(x for x in views if x is not None))
   shape = g.shape[:1] if axes else ()
   return (m_new.reshape(m.shape), v_new.reshape(v.shape),
           tuple(s.reshape(shape) for s in sums))
