@@ -69,3 +69,16 @@ def test_anchor_to_device_chain_is_exact():
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert projection.anchor_to_device(None, p["a"]) is None
+
+
+def test_cpu_sums_keep_float32_accuracy_on_a_large_leaf():
+  # One sequential float32 accumulation of 2^21 squares loses about 1e-3 of
+  # ‖d‖²; summed per row first, the error stays near float32's rounding.
+  keys = jax.random.split(jax.random.key(2), 3)
+  g, d, u = (jax.random.normal(k, (1024, 2048)) for k in keys)
+  u = 1e-3 * u
+  got = jax.jit(lambda g, d, u: projection._sums_cpu(g, d, u, (0, 1)))(g, d, u)
+  g, d, u = (np.asarray(x, np.float64) for x in (g, d, u))
+  terms = (g * d, d * d, u * (2 * d + u))
+  for s, t in zip(got, terms):
+    assert abs(float(s) - t.sum()) <= 1e-6 * np.abs(t).sum(), (float(s), t.sum())
