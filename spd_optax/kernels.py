@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from spd_optax import projection
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
@@ -74,8 +76,7 @@ def _arithmetic(coef, g, p, a, m, v):
   m = c1 * g + b1 * m
   v = c2 * (g * g) + b2 * v
   u = neg_lr * ((m / bc1) / (jnp.sqrt(v / bc2) + eps))
-  d = p if a is None else p - a
-  return m, v, (g * d, d * d, u * (2 * d + u))
+  return m, v, projection.terms(g, p if a is None else p - a, u)
 
 
 def _cost(inputs, m, v) -> pl.CostEstimate:

@@ -59,11 +59,15 @@ def _partitioned(x) -> bool:
           and not jax.sharding.get_abstract_mesh().manual_axes)
 
 
+def terms(g, d, u):
+  """The per-element terms of ⟨g, d⟩, ‖d‖² and s = ⟨u, 2d + u⟩ (`_sums`)."""
+  return g * d, d * d, u * (2 * d + u)
+
+
 def _sums_plain(g, d, u, axes):
   # XLA:TPU and XLA:GPU fuse plain sibling sums into the pass that updates
   # the moments; a variadic reduction there becomes a pass of its own.
-  return (jnp.sum(g * d, axis=axes), jnp.sum(d * d, axis=axes),
-          jnp.sum(u * (2 * d + u), axis=axes))
+  return tuple(jnp.sum(t, axis=axes) for t in terms(g, d, u))
 
 
 def _sums(g, d, u, axes):
