@@ -23,18 +23,19 @@ Mosaic on TPU, Triton on GPU, Pallas' interpreter elsewhere (tests).
 
 A kernel works on one device's data: inside `jax.shard_map`, the caller
 adds the sums over the devices (`selective_projection_decay` does, with
-``axis_name``).
+``axis_name``); on a mesh with Explicit axes, `on_each_device` runs it per
+device itself.
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spd_optax import projection
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plgpu
 
 # Elements per Triton program: 16 per thread at 8 warps.
 GPU_BLOCK = 4096
