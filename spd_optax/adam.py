@@ -24,12 +24,12 @@ def bias_correction(decay, count, dtype):
   return -jnp.expm1(count.astype(dtype) * jnp.asarray(_log(decay), dtype))
 
 
-def direction(m, v, count, b1, b2, eps):
+def direction(m, v, bc1, bc2, eps):
   r"""Adam's direction $\hat m / (\sqrt{\hat v} + \epsilon)$ from the
-  moments after ``count`` updates, in v's dtype."""
+  moments and their bias corrections (`bias_correction`), in v's dtype."""
   acc = jnp.promote_types(v.dtype, jnp.float32)
-  m_hat = m.astype(acc) / bias_correction(b1, count, acc)
-  v_hat = v.astype(acc) / bias_correction(b2, count, acc)
+  m_hat = m.astype(acc) / bc1
+  v_hat = v.astype(acc) / bc2
   return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(v.dtype)
 
 
@@ -71,8 +71,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     nu = otu.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
 
-    new_updates = jax.tree.map(
-        lambda m, v: direction(m, v, count, b1, b2, eps), mu, nu)
+    def scale(m, v):
+      acc = jnp.promote_types(v.dtype, jnp.float32)
+      return direction(m, v, bias_correction(b1, count, acc),
+                       bias_correction(b2, count, acc), eps)
+
+    new_updates = jax.tree.map(scale, mu, nu)
     # The moments keep the dtypes init gave them (mu_dtype or the params'):
     # grads of another dtype (f32 grads, bf16 params) promote them, which
     # changes a lax.scan carry's type and retraces a jitted step.

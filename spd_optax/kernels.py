@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spd_optax import adam
 from spd_optax import projection
 
 # Elements per Triton program: 16 per thread at 8 warps.
@@ -76,7 +77,7 @@ def _arithmetic(coef, g, p, a, m, v):
   neg_lr, bc1, bc2, b1, c1, b2, c2, eps = (coef[i] for i in range(8))
   m = c1 * g + b1 * m
   v = c2 * (g * g) + b2 * v
-  u = neg_lr * ((m / bc1) / (jnp.sqrt(v / bc2) + eps))
+  u = neg_lr * adam.direction(m, v, bc1, bc2, eps)
   return m, v, projection.terms(g, p if a is None else p - a, u)
 
 
@@ -100,6 +101,12 @@ def _out(like, shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
       except TypeError:
         pass
   return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _anchor_or_none(rest) -> tuple:
+  """(a, m, v) from the arrays after g and p, which hold no anchor where
+  θ_0 = 0 (a kernel's operands are arrays only)."""
+  return tuple(rest) if len(rest) == 3 else (None, *rest)
 
 
 def _edge(n: int, step: int, most: int) -> int:
@@ -239,9 +246,8 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
   views = [x if x is None else x.reshape(view) for x in (g, p, a, m, v)]
 
   def on(call, interpret=False):
-    def run(coef, g, p, *rest):  # the anchor, if any, between p and m
-      a, m, v = rest if len(rest) == 3 else (None, *rest)
-      return call(coef, g, p, a, m, v, interpret=interpret)
+    def run(coef, g, p, *rest):
+      return call(coef, g, p, *_anchor_or_none(rest), interpret=interpret)
     return run
 
   if platform is not None:
@@ -278,8 +284,7 @@ def on_each_device(g, p, a, m, v, coef, axes):
   arrays = [place(x) for x in (g, p, a, m, v) if x is not None]
 
   def local(coef, g, p, *rest):
-    a, m, v = rest if len(rest) == 3 else (None, *rest)
-    m, v, sums = first_pass(g, p, a, m, v, coef, axes)
+    m, v, sums = first_pass(g, p, *_anchor_or_none(rest), coef, axes)
     return m, v, tuple(lax.psum(s, within) if within else s for s in sums)
 
   # Unchecked: Pallas' interpreter (off accelerators) pads blocks with

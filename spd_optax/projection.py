@@ -38,7 +38,7 @@ def _variadic_sums_jvp(axes, primals, tangents):
 
 def _sums_cpu(g, d, u, axes):
   terms = (g * d, d * d, d * u, u * u)
-  if len(axes) > 1 and not _partitioned(d):
+  if len(axes) > 1 and not partitioned(d):
     # Over the last axis first, then the rest: XLA:CPU accumulates a
     # variadic reduction in sequence, and over a whole 2048×5504 leaf in one
     # float32 sum ‖d‖² lost 2% (per-row sums first: 2e-7, about 2% more
@@ -51,7 +51,7 @@ def _sums_cpu(g, d, u, axes):
   return gd, dd, 2 * du + uu
 
 
-def _partitioned(x) -> bool:
+def partitioned(x) -> bool:
   """Whether XLA may split `x` over several devices: on a mesh of more than
   one, outside `jax.shard_map` (whose values are one device's own)."""
   mesh = layout.mesh_of(x)

@@ -737,21 +737,19 @@ def _pallas_first_pass(learning_rate, b1, b2, eps):
     count = new_adam.count
     # -η as scale_by_learning_rate applies it, schedules included.
     neg_lr = scale_lr.update(jnp.ones((), jnp.float32), old_lr)[0]
-    coef = kernels.coefficients(
-        neg_lr, adam.bias_correction(b1, count, jnp.float32),
-        adam.bias_correction(b2, count, jnp.float32), b1, b2, eps)
-    manual = bool(jax.sharding.get_abstract_mesh().manual_axes)
+    bc1, bc2 = (adam.bias_correction(b, count, jnp.float32) for b in (b1, b2))
+    coef = kernels.coefficients(neg_lr, bc1, bc2, b1, b2, eps)
     sums, taken = {}, []
     for i in on:
       g, p, a = grads_l[i], params_l[i], anchors_l[i]
       if not kernels.supports(g, p, a, old_mu[i], old_nu[i], axes_l[i]):
         continue
       run = kernels.first_pass
-      mesh = layout_lib.mesh_of(p)
-      if mesh is not None and mesh.size > 1 and not manual:
+      if projection.partitioned(p):
         if layout_lib.explicit_mesh(p) is None:
           raise ValueError(
-              f"first_pass='pallas': params{paths[i]} is on a mesh of {mesh.size} "
+              f"first_pass='pallas': params{paths[i]} is on a mesh of "
+              f"{layout_lib.mesh_of(p).size} "
               "devices with Auto axes under jax.jit, whose placement of the leaf "
               "the step cannot see, and a Pallas kernel is not partitioned (it "
               "would gather the whole leaf on every device). Use a mesh with "
@@ -762,7 +760,7 @@ def _pallas_first_pass(learning_rate, b1, b2, eps):
       mu_l[i], nu_l[i], s = run(g, p, a, old_mu[i], old_nu[i], coef, axes_l[i])
       sums[i] = lax.psum(s, reduce_over[i]) if reduce_over[i] else s
       taken.append(i)
-    directions = [adam.direction(mu_l[i], nu_l[i], count, b1, b2, eps) for i in taken]
+    directions = [adam.direction(mu_l[i], nu_l[i], bc1, bc2, eps) for i in taken]
     proposed_l = list(proposed_l)
     for i, u in zip(taken, scale_lr.update(directions, old_lr)[0]):
       proposed_l[i] = u

@@ -31,7 +31,9 @@ def _xla_pass(g, p, a, m, v, axes, count=3):
   closer)."""
   m = (1 - B1) * g + B1 * m
   v = (1 - B2) * g * g + B2 * v
-  u = -LR * spd_optax.adam.direction(m, v, jnp.asarray(count), B1, B2, EPS)
+  bc1, bc2 = (spd_optax.adam.bias_correction(b, jnp.asarray(count), jnp.float32)
+              for b in (B1, B2))
+  u = -LR * spd_optax.adam.direction(m, v, bc1, bc2, EPS)
   g, p, u = (np.asarray(x, np.float64) for x in (g, p, u))
   d = p if a is None else p - np.asarray(a, np.float64)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
