@@ -174,12 +174,13 @@ def naive_spd(lr, weight_decay):
   return optimizer_step.naive_spd(lr, weight_decay)
 
 
-def optimizers(layer_axes, lr=1e-4, host_anchor=True, sharded=False):
-  """name -> optimizer for one set (`layer_axes` None when unstacked). A
-  name ending in "in shard_map" is compiled inside `jax.shard_map` over the
-  target's mesh (hand-written FSDP×TP, SPD's sums added over both axes):
-  where a Pallas kernel runs on a sharded step, with the XLA pass there too
-  for a like-for-like comparison."""
+def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
+  """name -> optimizer for one set (`layer_axes` None when unstacked). With
+  `param_specs` (a sharded target's), a name ending in "in shard_map" is
+  compiled inside `jax.shard_map` over the target's mesh (hand-written
+  FSDP×TP, SPD's sums added over the axes splitting each leaf): where a
+  Pallas kernel runs on a sharded step, with the XLA pass there too for a
+  like-for-like comparison."""
   out = {
       "optax.adamw": optax.adamw(lr, weight_decay=0.1),
       "optax.adam": optax.adam(lr),
@@ -187,9 +188,9 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, sharded=False):
       "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
   }
   spd = lambda **kw: spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
-  if sharded:
-    out["adam_spd in shard_map"] = spd(axis_name=SHARD_MAP_AXES)
-    out["adam_spd pallas in shard_map"] = spd(axis_name=SHARD_MAP_AXES, first_pass="pallas")
+  if param_specs is not None:
+    out["adam_spd in shard_map"] = spd(param_specs=param_specs)
+    out["adam_spd pallas in shard_map"] = spd(param_specs=param_specs, first_pass="pallas")
   else:
     out["adam_spd pallas"] = spd(first_pass="pallas")
   if layer_axes is not None:
@@ -415,6 +416,12 @@ def abstract_tree(shapes, layer_axes, target, dtype):
   return {k: one(k, s) for k, s in shapes.items()}
 
 
+def param_specs(shapes, layer_axes, target) -> dict:
+  """The params' PartitionSpecs on the target's mesh (`abstract_tree`'s)."""
+  return {k: x.sharding.spec for k, x in
+          abstract_tree(shapes, layer_axes, target, jnp.float32).items()}
+
+
 def state_shardings(tx, params, target, host_anchor=False):
   """optax's tree_map_params recipe (docs/scaling.md): params-shaped state
   takes the params' shardings, the rest is replicated. A host anchor keeps
@@ -443,9 +450,6 @@ def state_shardings(tx, params, target, host_anchor=False):
       lambda s, sub: jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
       ssh, abstract, is_leaf=is_sharding)
-
-
-SHARD_MAP_AXES = ("data", "model")
 
 
 def compile_step(tx, params, state=None, mesh=None):
@@ -485,7 +489,9 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
 def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
   shapes, layer_axes = set_shapes(set_name)
   n = sum(int(np.prod(s)) for s in shapes.values())
-  txs = optimizers(layer_axes, host_anchor=target.host_anchor, sharded=target.sharded)
+  txs = optimizers(layer_axes, host_anchor=target.host_anchor,
+                   param_specs=param_specs(shapes, layer_axes, target)
+                   if target.sharded else None)
   result = {"params": n, "leaves": len(shapes),
             "layout": "sharded FSDP×TP" if target.sharded else "unsharded",
             "optimizers": {}}

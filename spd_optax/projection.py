@@ -87,7 +87,7 @@ def _sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def project(g, p, a, u, lam, axes, psum_axes=(), sums=None):
+def project(g, p, a, u, lam, axes, psum_axes=(), sums=None, layer_split=()):
   r"""SPD for one leaf whose layers index `axes`.
 
   With $d = \theta_{t-1} - \theta_0$ and $s = \langle u, 2d + u\rangle$
@@ -107,29 +107,69 @@ def project(g, p, a, u, lam, axes, psum_axes=(), sums=None):
   Returns (update, condition, ratio, deviation), the last three of the
   shape of those axes; ``update`` is $\theta_t - \theta_{t-1}$ for
   `optax.apply_updates`, and exactly ``u`` on layers SPD leaves alone.
-  Inside `jax.shard_map`, the per-layer sums are added over `psum_axes`.
-  `sums`, if given, are `layer_sums`'s, computed elsewhere (a kernel).
+  Inside `jax.shard_map`, the per-layer sums are added over `psum_axes`,
+  and `layer_split` names, per layer axis, the manual axes that split it
+  (see `layer_sums`). `sums`, if given, are `layer_sums`'s, computed
+  elsewhere (a kernel).
 
   The three stages (`layer_sums`, `layer_values`, `apply_scale`) are
   separate so that a step over many leaves can run the middle one once on
   every leaf's sums together (`selective_projection_decay` does).
   """
   if sums is None:
-    sums = layer_sums(g, p, a, u, axes, psum_axes)
+    sums = layer_sums(g, p, a, u, axes, psum_axes, layer_split)
   scale, *values = layer_values(*sums, lam)
-  return (apply_scale(p, a, u, scale, axes), *values)
+  return (apply_scale(p, a, u, scale, axes, layer_split), *values)
 
 
-def layer_sums(g, p, a, u, axes, psum_axes=()):
+def layer_sums(g, p, a, u, axes, psum_axes=(), layer_split=()):
   """Pass 1 over a leaf: ⟨g, d⟩, ‖d‖² and s per layer (see `project`), in
-  `acc_dtype`, of the shape of the layer axes `axes`."""
+  `acc_dtype`, of the shape of the layer axes `axes`.
+
+  Inside `jax.shard_map` a device holds part of the leaf: its sums are
+  added over `psum_axes`, the manual axes that split a layer's elements;
+  where a layer axis is split over devices (`layer_split`: per layer axis,
+  the manual axes splitting it), the sums of every device's layers are
+  gathered, so that the per-layer values are those of all layers, the same
+  on every device."""
   acc = acc_dtype(p.dtype)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
   d = p.astype(acc) if a is None else p.astype(acc) - a.astype(acc)  # θ_{t-1} - θ_0
-  sums = _sums(g.astype(acc), d, u.astype(acc), reduced)
-  if psum_axes:  # inside shard_map, each device summed its part of the leaf
+  return across_devices(_sums(g.astype(acc), d, u.astype(acc), reduced),
+                        psum_axes, layer_split)
+
+
+def across_devices(sums, psum_axes=(), layer_split=()):
+  """One device's per-layer sums made the whole leaf's, inside
+  `jax.shard_map` (see `layer_sums`); unchanged elsewhere."""
+  if psum_axes:  # each device summed its part of the layers' elements
     sums = lax.psum(sums, psum_axes)
-  return sums
+  return tuple(_gather_layers(s, layer_split) for s in sums)
+
+
+def _gather_layers(x, layer_split):
+  """Per-layer sums of this device's layers placed among all layers' and
+  added over the devices that split them. A psum, not an all_gather: its
+  result is typed the same on every device, as `jax.shard_map`'s
+  replication check wants of the state."""
+  for k, names in enumerate(layer_split):
+    if names:
+      n = x.shape[k]
+      full = jnp.zeros(x.shape[:k] + (n * lax.axis_size(names),) + x.shape[k + 1:],
+                       x.dtype)
+      x = lax.psum(lax.dynamic_update_slice_in_dim(full, x, lax.axis_index(names) * n, k),
+                   names)
+  return x
+
+
+def _local_layers(x, layer_split):
+  """The entries of a per-layer array for this device's layers: the
+  inverse of `_gather_layers`."""
+  for k, names in enumerate(layer_split):
+    if names:
+      n = x.shape[k] // lax.axis_size(names)
+      x = lax.dynamic_slice_in_dim(x, lax.axis_index(names) * n, n, k)
+  return x
 
 
 def layer_values(gd, dd, s, lam):
@@ -153,13 +193,14 @@ def layer_values(gd, dd, s, lam):
   return scale, condition, ratio, deviation
 
 
-def apply_scale(p, a, u, scale, axes):
+def apply_scale(p, a, u, scale, axes, layer_split=()):
   """Pass 2 over a leaf: the update taking θ_{t-1} to θ_t, given the scale
-  λr of each layer (the shape of the layer axes `axes`)."""
+  λr of each layer (the shape of the layer axes `axes`; of all layers where
+  `layer_split` splits them over devices, see `layer_sums`)."""
   acc = acc_dtype(p.dtype)
   reduced = tuple(i for i in range(p.ndim) if i not in axes)
   p_acc, u_acc = p.astype(acc), u.astype(acc)
-  scale = jnp.expand_dims(scale.astype(acc), reduced)
+  scale = jnp.expand_dims(_local_layers(scale, layer_split).astype(acc), reduced)
   # θ_t = θ̃_t - scale·(θ̃_t - θ_0), formed as the reference forms it, then
   # expressed as an update. `where`, not arithmetic, so a leaf SPD leaves
   # alone gets the inner update bit for bit (θ̃ - θ_{t-1} would round).
@@ -175,7 +216,8 @@ def project_together(leaves: list, lams: list, like, sums=None) -> list:
   all of them: the same numbers, in fewer small kernels.
 
   Args:
-    leaves: per leaf, ``(g, p, a, u, axes, psum_axes)`` as `project` takes.
+    leaves: per leaf, ``(g, p, a, u, axes, psum_axes, layer_split)`` as
+      `project` takes.
     lams: per leaf, its strength (a scalar or the layer axes' shape).
     like: the state's packed per-layer array, whose dtype (and, on an
       Explicit mesh, replicated placement) the joined sums take.
@@ -186,14 +228,15 @@ def project_together(leaves: list, lams: list, like, sums=None) -> list:
   """
   if not leaves:
     return []
-  sums = [layer_sums(g, p, a, u, axes, over) if given is None else given
-          for (g, p, a, u, axes, over), given in zip(leaves, sums or [None] * len(leaves))]
+  sums = [layer_sums(g, p, a, u, axes, over, split) if given is None else given
+          for (g, p, a, u, axes, over, split), given
+          in zip(leaves, sums or [None] * len(leaves))]
   shapes = [jnp.shape(s[0]) for s in sums]
   joined = [layout.concat([s[k] for s in sums], like) for k in range(3)]
   lam = layout.concat([jnp.broadcast_to(x, shape) for x, shape in zip(lams, shapes)], like)
   scale, *rows = layer_values(*joined, lam)
-  return [(apply_scale(p, a, u, scale_i, axes), *values)
-          for (_, p, a, u, axes, _), scale_i, *values
+  return [(apply_scale(p, a, u, scale_i, axes, split), *values)
+          for (_, p, a, u, axes, _, split), scale_i, *values
           in zip(leaves, layout.split(scale, shapes), *(layout.split(r, shapes) for r in rows))]
 
 

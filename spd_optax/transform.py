@@ -223,6 +223,7 @@ def selective_projection_decay(
     anchor_dtype: Any = None,
     anchor_on_host: bool = False,
     axis_name: str | tuple[str, ...] | None = None,
+    param_specs: Any = None,
     norm: str = "frobenius",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Selective Projection Decay around a base optimizer.
@@ -315,8 +316,21 @@ def selective_projection_decay(
       elements are split over (hand-written FSDP): SPD's per-layer sums are
       added over them with `jax.lax.psum`, so each layer's condition and
       norms are those of the whole layer. A leaf that varies over a manual
-      axis not named here is refused, never decayed per shard. Not needed
-      under `jax.jit`, where sharding is the compiler's.
+      axis not named here is refused, never decayed per shard, and so is a
+      leaf stacking layers that varies over one (``axis_name`` cannot say
+      whether its layers or its layers' elements are split: give
+      ``param_specs``), and a ``shard_map(check_vma=False)``, where JAX does
+      not say what varies. Not needed under `jax.jit`, where sharding is the
+      compiler's.
+    param_specs: inside `jax.shard_map`, in place of ``axis_name``: the
+      `jax.sharding.PartitionSpec` the shard_map gives each param (its
+      ``in_specs`` for the params; a tree like params or a prefix of it).
+      From them SPD knows how each leaf is split over the manual axes: sums
+      over a layer's elements are added over the axes that split them, and
+      the per-layer values of a layer axis split over devices are gathered
+      (each device decays its own layers). Works with
+      ``shard_map(check_vma=False)``, and on leaves split along
+      ``layer_axes``.
     norm: the norm in the ratio $r_t$. ``"frobenius"`` (the default, the
       paper's and ``AdamSPD``'s): of the whole layer. ``"rows_l1"``: the
       authors' later ``norm_type="mars"`` (their ``AdamH`` / MAPS code, not
@@ -349,11 +363,11 @@ def selective_projection_decay(
   """
   return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
               anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host,
-              axis_name=axis_name, norm=norm)
+              axis_name=axis_name, param_specs=param_specs, norm=norm)
 
 
 def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
-         anchor_on_host, axis_name, norm, first_pass=None):
+         anchor_on_host, axis_name, param_specs, norm, first_pass=None):
   """`selective_projection_decay`. `first_pass`, if given, computes some
   leaves' proposed updates, inner state and SPD sums itself
   (`_pallas_first_pass`); the others take XLA's pass."""
@@ -382,6 +396,9 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
     raise TypeError(f"axis_name must be a mesh axis name, a tuple of them, or "
                     f"None; got {axis_name!r}. Under optax.inject_hyperparams, "
                     "pass static_args=('axis_name',).")
+  if param_specs is not None and axis_name is not None:
+    raise ValueError("give axis_name or param_specs, not both: param_specs "
+                     "says which axes split each leaf, and so which to sum over.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -393,7 +410,8 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
     leaves, treedef = jax.tree.flatten(params)
     if per_leaf:
       check_strengths(weight_decay, params, flags,
-                      [tuple(np.shape(p)[i] for i in ax) for p, ax in zip(leaves, axes)])
+                      [_global_layer_shape(p, ax, spec) for p, ax, spec
+                       in zip(leaves, axes, _specs(param_specs, params))])
     anchors = None
     if anchor == "params":
       anchors = treedef.unflatten([
@@ -401,11 +419,15 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
           else optax.MaskedNode() for p, on in zip(leaves, flags)])
       if anchor_on_host:
         anchors = jax.device_put(anchors, jax.memory.Space.Host)
+    specs = _specs(param_specs, params)
+    for path, p, ax, on, spec in zip(trees.leaf_paths(params), leaves, axes, flags, specs):
+      if on:  # inside jax.shard_map, refused here as at update
+        _manual_split(path, p, (p,), ax, axis_name, spec)
     layout = layout_lib.Layout(
         treedef=trees.scalar_def(params),
         keys=tuple(k for k, _ in trees.with_paths(params)),
-        shapes=tuple(tuple(np.shape(p)[i] for i in ax) if on else None
-                     for p, ax, on in zip(leaves, axes, flags)),
+        shapes=tuple(_global_layer_shape(p, ax, spec) if on else None
+                     for p, ax, on, spec in zip(leaves, axes, flags, specs)),
         anchor_on_host=anchor_on_host and anchor == "params")
     on_leaves = [p for p, on in zip(leaves, flags) if on]
     dtype = functools.reduce(jnp.promote_types,
@@ -453,19 +475,28 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
     anchors_l = ([None] * len(params_l) if state.anchor is None
                  else treedef.flatten_up_to(state.anchor))
     axes_l = layers.resolve(layer_axes, params)
-    _check_layer_shapes(params, params_l, axes_l, layout.shapes)
+    specs = _specs(param_specs, params)
+    _check_layer_shapes(params, params_l, axes_l, specs, layout.shapes)
     paths = trees.leaf_paths(params)
     if anchor_on_host:
       _warn_if_anchor_on_device(paths, anchors_l)
 
     per_layer = trees.unwrap(state.per_layer)
     on = [i for i, shape in enumerate(layout.shapes) if shape is not None]
-    reduce_over = {i: _manual_axes(paths[i], (grads_l[i], params_l[i], anchors_l[i],
-                                              proposed_l[i]), axis_name) for i in on}
+    split = {i: _manual_split(paths[i], params_l[i], (grads_l[i], params_l[i], anchors_l[i],
+                                                      proposed_l[i]), axes_l[i], axis_name, specs[i])
+             for i in on}
+    if norm != "frobenius":
+      for i in on:
+        if any(split[i][1]):
+          raise ValueError(
+              f"params{paths[i]}: norm={norm!r} inside jax.shard_map on a leaf "
+              "split along its layer axes is not supported: use norm='frobenius', "
+              "or call the optimizer under jax.jit.")
     sums = {}
     if first_pass is not None:
       proposed_l, inner_state, sums = first_pass(
-          treedef, paths, on, grads_l, params_l, anchors_l, axes_l, reduce_over,
+          treedef, paths, on, grads_l, params_l, anchors_l, axes_l, split,
           state.inner_state, inner_state, proposed_l)
     out_u = list(proposed_l)
     # A stacked leaf's per-layer values are [L]-sized arrays, which XLA:TPU
@@ -475,7 +506,7 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
     together = [i for i in on if layout.shapes[i] != () and norm == "frobenius"
                 and not anchor_on_host]
     args = {i: (grads_l[i], params_l[i], anchors_l[i], proposed_l[i], axes_l[i],
-                reduce_over[i]) for i in on}
+                *split[i]) for i in on}
     results = dict(zip(together, projection.project_together(
         [args[i] for i in together], [lams[i] for i in together], per_layer,
         [sums.get(i) for i in together])))
@@ -483,13 +514,15 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
     for i in on:
       if i in results:
         continue
-      g, p, a, u, ax, over = args[i]
+      g, p, a, u, ax, over, layer_split = args[i]
       if anchor_on_host:
         # Tied to the previous leaf's update, so XLA cannot start this
         # leaf's work before that one's is done (it may still start the
         # transfer early: benchmarks/NOTES.md).
         a = projection.anchor_to_device(a, after=previous)
       given = {"sums": sums[i]} if i in sums else {}  # a kernel's (frobenius only)
+      if any(layer_split):
+        given["layer_split"] = layer_split  # frobenius only (refused above)
       results[i] = project(g, p, a, u, lams[i], ax, over, **given)
       previous = results[i][0]
     for i in on:
@@ -527,11 +560,12 @@ def _check_same_leaves(layout, params) -> None:
         "Pass the same tree of params to init and update, or init a new state.")
 
 
-def _check_layer_shapes(params, params_l, axes_l, shapes) -> None:
-  for path, p, ax, shape in zip(trees.leaf_paths(params), params_l, axes_l, shapes):
+def _check_layer_shapes(params, params_l, axes_l, specs, shapes) -> None:
+  for path, p, ax, spec, shape in zip(trees.leaf_paths(params), params_l, axes_l,
+                                      specs, shapes):
     if shape is None:
       continue
-    want = tuple(np.shape(p)[i] for i in ax)
+    want = _global_layer_shape(p, ax, spec)
     if shape != want:
       raise ValueError(
           f"params{path}: layer_axes give per-layer shape {want} at update, but "
@@ -555,17 +589,74 @@ def _varying(x) -> frozenset:
   return frozenset()
 
 
-def _manual_axes(path, arrays, axis_name) -> tuple[str, ...]:
-  """The manual axes to sum a leaf's SPD sums over: inside `jax.shard_map`
-  each device holds part of the leaf, and a condition or a norm over its
-  part alone is not SPD's."""
+def _specs(param_specs, params) -> list:
+  """Per leaf of params, its `PartitionSpec` in `param_specs`, or None."""
+  if param_specs is None:
+    return [None] * len(jax.tree.leaves(params))
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  specs = trees.broadcast_prefix(param_specs, params, "param_specs", is_spec)
+  for path, spec in zip(trees.leaf_paths(params), specs):
+    if not is_spec(spec):
+      raise TypeError(f"param_specs for params{path} must be a "
+                      f"jax.sharding.PartitionSpec, got {spec!r}.")
+  return specs
+
+
+def _dim_axes(spec, ndim) -> list[tuple[str, ...]]:
+  """Per axis of a leaf, the manual mesh axes (of the enclosing
+  `jax.shard_map`) that `spec` splits it over; mesh axes the compiler
+  shards (not manual) are not the step's to handle."""
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  entries = tuple(spec) + (None,) * (ndim - len(spec))
+  names = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  return [tuple(n for n in names(e) if n in manual) for e in entries[:ndim]]
+
+
+def _global_layer_shape(p, axes, spec) -> tuple[int, ...]:
+  """The shape of a leaf's layer axes over the whole leaf: inside
+  `jax.shard_map`, a layer axis that `spec` splits over devices holds one
+  device's layers, so its length is that times the devices along it."""
+  shape = tuple(np.shape(p)[i] for i in axes)
+  if spec is None:
+    return shape
+  mesh = jax.sharding.get_abstract_mesh()
+  split = _dim_axes(spec, np.ndim(p))
+  return tuple(n * int(np.prod([mesh.shape[a] for a in split[i]]))
+               for n, i in zip(shape, axes))
+
+
+def _manual_split(path, p, arrays, axes, axis_name, spec):
+  """How a leaf is split over the manual axes of an enclosing
+  `jax.shard_map`: (the axes to add its per-layer sums over, and per layer
+  axis the axes splitting it). Each device holds part of such a leaf, and a
+  condition or a norm over its part alone is not SPD's."""
   manual = set(jax.sharding.get_abstract_mesh().manual_axes)
   if not manual:
-    return ()
-  names = None if axis_name is None else (
-      (axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+    return (), ()
   varying = frozenset().union(*map(_varying, arrays))
   checked = _tracks_varying_axes()
+  if spec is not None:
+    if len(spec) > np.ndim(p):
+      raise ValueError(f"param_specs for params{path} is {spec}, for a leaf of "
+                       f"{np.ndim(p)} axes.")
+    split = _dim_axes(spec, np.ndim(p))
+    named = frozenset().union(*map(frozenset, split))
+    if checked and varying - named:
+      raise ValueError(
+          f"params{path} varies over the manual mesh axes "
+          f"{sorted(varying - named)} of the jax.shard_map, which its "
+          f"param_specs entry {spec} does not split it over: give each leaf "
+          "the PartitionSpec the shard_map's in_specs give it.")
+    over = tuple(n for i, names in enumerate(split) if i not in axes for n in names)
+    return over, tuple(split[i] for i in axes)
+  names = None if axis_name is None else (
+      (axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+  if not checked:
+    raise ValueError(
+        "selective_projection_decay runs inside a jax.shard_map that does not "
+        "track which axes values vary over (check_vma=False), so it cannot "
+        "tell a split leaf from a replicated one: pass param_specs= (the "
+        "PartitionSpecs the shard_map gives the params).")
   if names is None:
     if varying:
       raise ValueError(
@@ -573,13 +664,9 @@ def _manual_axes(path, arrays, axis_name) -> tuple[str, ...]:
           "a jax.shard_map: each device holds part of it, and SPD's condition "
           "and norms must span the whole layer. Pass axis_name= naming the "
           "axes the leaf's elements are split over (their per-device sums are "
-          "then added with lax.psum), or call the optimizer outside shard_map.")
-    if not checked:
-      raise ValueError("selective_projection_decay runs inside a jax.shard_map "
-                       "that does not track which axes values vary over "
-                       "(check_vma=False): pass axis_name= (the axes params are "
-                       "split over, or () if every device holds whole leaves).")
-    return ()
+          "then added with lax.psum), or param_specs=, or call the optimizer "
+          "outside shard_map.")
+    return (), ()
   unknown = set(names) - manual
   if unknown:
     raise ValueError(f"axis_name {sorted(unknown)} are not manual axes of the "
@@ -590,8 +677,16 @@ def _manual_axes(path, arrays, axis_name) -> tuple[str, ...]:
         f"params{path} varies over the manual mesh axes {sorted(left)}, which "
         f"axis_name={axis_name!r} does not name: its SPD sums would cover one "
         "device's part only. Add them to axis_name.")
+  if axes and varying:
+    raise ValueError(
+        f"params{path} stacks layers (layer_axes {axes}) and varies over the "
+        f"manual mesh axes {sorted(varying)}: axis_name cannot say whether its "
+        "layers or each layer's elements are split over them (the sums of "
+        "one are added over devices, of the other not). Pass param_specs= "
+        "(the PartitionSpecs the shard_map gives the params) instead of "
+        "axis_name.")
   # Invariant values need no sum (psum would count them once per device).
-  return tuple(n for n in names if n in varying or not checked)
+  return tuple(n for n in names if n in varying), ()
 
 
 def _host_memory_works() -> bool:
@@ -641,6 +736,7 @@ def adam_spd(
     anchor_on_host: bool = False,
     mu_dtype: Any = None,
     axis_name: str | tuple[str, ...] | None = None,
+    param_specs: Any = None,
     norm: str = "frobenius",
     first_pass: str = "xla",
 ) -> optax.GradientTransformationExtraArgs:
@@ -678,6 +774,8 @@ def adam_spd(
       `optax.inject_hyperparams`, pass ``static_args=("mu_dtype",)``.
     axis_name: inside `jax.shard_map`, the manual axes params are split
       over, as in `selective_projection_decay`.
+    param_specs: inside `jax.shard_map`, the params' PartitionSpecs there,
+      in place of ``axis_name``, as in `selective_projection_decay`.
     norm: ``"frobenius"`` or ``"rows_l1"`` (the authors' later "mars"
       row-wise norms), as in `selective_projection_decay`.
     first_pass: who computes the first pass over each leaf (new moments
@@ -712,7 +810,7 @@ def adam_spd(
   )
   return _spd(inner, weight_decay, anchor, mask, layer_axes=layer_axes,
               anchor_dtype=anchor_dtype, anchor_on_host=anchor_on_host,
-              axis_name=axis_name, norm=norm,
+              axis_name=axis_name, param_specs=param_specs, norm=norm,
               first_pass=None if first_pass == "xla" else
               _pallas_first_pass(learning_rate, b1, b2, eps))
 
@@ -730,7 +828,7 @@ def _pallas_first_pass(learning_rate, b1, b2, eps):
   scale_lr = optax.scale_by_learning_rate(learning_rate)
 
   def first_pass(treedef, paths, on, grads_l, params_l, anchors_l, axes_l,
-                 reduce_over, old_inner, new_inner, proposed_l):
+                 split, old_inner, new_inner, proposed_l):
     (old_adam, old_lr), (new_adam, new_lr) = old_inner, new_inner
     mu_l, nu_l = treedef.flatten_up_to(new_adam.mu), treedef.flatten_up_to(new_adam.nu)
     old_mu, old_nu = treedef.flatten_up_to(old_adam.mu), treedef.flatten_up_to(old_adam.nu)
@@ -758,7 +856,7 @@ def _pallas_first_pass(learning_rate, b1, b2, eps):
               "split over), or use first_pass='xla'.")
         run = kernels.on_each_device
       mu_l[i], nu_l[i], s = run(g, p, a, old_mu[i], old_nu[i], coef, axes_l[i])
-      sums[i] = lax.psum(s, reduce_over[i]) if reduce_over[i] else s
+      sums[i] = projection.across_devices(s, *split[i])
       taken.append(i)
     directions = [adam.direction(mu_l[i], nu_l[i], bc1, bc2, eps) for i in taken]
     proposed_l = list(proposed_l)

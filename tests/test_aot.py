@@ -86,8 +86,9 @@ def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
   # FSDP×TP, sums added over both axes) each device runs it on its part.
   # The new moments overwrite the donated old ones: no copies, 12 words.
   shapes, layer_axes = sets()[layout]
+  specs = aot.param_specs(shapes, layer_axes, v5e)
   tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas",
-                          axis_name=aot.SHARD_MAP_AXES)
+                          param_specs=specs)
   r = aot.analyse(tx, shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
   # One kernel per matrix (a norm's part per device is not a TPU tile: XLA's).
   matrices = sum(len(s) - (layer_axes is not None and layer_axes[k] is not None) == 2
@@ -97,7 +98,7 @@ def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
   assert r["param_sized_copies"] == 0, r["kernels"]
   assert r["words_per_param"] < 12.1
   xla = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes,
-                                       axis_name=aot.SHARD_MAP_AXES),
+                                       param_specs=specs),
                     shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
   assert r["arrays_in"] == xla["arrays_in"] and r["arrays_out"] == xla["arrays_out"]
 

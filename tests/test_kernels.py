@@ -197,24 +197,18 @@ def test_pallas_on_an_explicit_mesh_runs_per_device():
   np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-6)
 
 
-def test_pallas_inside_shard_map_sums_over_devices():
-  # Hand-written FSDP: rows split over 8 devices; each kernel sums its
-  # device's rows and SPD adds the sums over the axis.
+def test_pallas_inside_shard_map_sums_over_devices(check_vma=False):
+  # Hand-written FSDP and layer sharding over 8 devices: each kernel sums
+  # its device's part and SPD adds the sums over the axes splitting a
+  # layer's elements, and gathers those of split layers.
   import test_shard_map as fsdp
   mesh = jax.make_mesh((8,), ("x",))
-  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=1.0,
+  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=fsdp.STRENGTHS,
                                          layer_axes=fsdp.LAYER_AXES, **kw)
-  want_params, want_state = fsdp.reference(make())
-  # Pallas' interpreter pads blocks with values that vary over no axis,
-  # which shard_map's varying-axes check refuses (on a device, the kernel
-  # is not interpreted): the interpreted run goes without that check.
-  got_params, got_state = fsdp.sharded_run(make(axis_name="x", first_pass="pallas"),
-                                           mesh, check_vma=False)
-  for k in fsdp.SHAPES:
-    np.testing.assert_allclose(np.asarray(got_params[k]), want_params[k],
-                               rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(got_state.per_layer),
-                             np.asarray(want_state.per_layer), rtol=1e-5, atol=1e-6)
+  want = fsdp.reference(make())
+  got = fsdp.sharded_run(make(param_specs=fsdp.SPECS, first_pass="pallas"), mesh,
+                         check_vma=check_vma)
+  fsdp.assert_same_run(got, want)
 
 
 def test_pallas_update_is_differentiable_like_xla():

@@ -1,112 +1,160 @@
-"""SPD inside `jax.shard_map` (hand-written FSDP): each device holds rows of
-every leaf, and SPD must sum its per-layer values over the devices, never
-decay per shard."""
+"""SPD inside `jax.shard_map` (hand-written FSDP and layer sharding): each
+device holds part of a leaf, and SPD must add its per-layer sums over the
+devices that split a layer's elements, gather those of layers split over
+devices, and never decay per shard.
+
+Every test runs on an 8-device CPU mesh with Explicit axes (jax.make_mesh's
+default) and with Auto ones."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import spd_optax
 
-SHAPES = {"w": (16, 8), "stack": (4, 16, 8), "b": (16,)}
-LAYER_AXES = {"w": None, "stack": 0, "b": None}
-# Rows split over the devices; the stack's layers are whole on every device.
-SPECS = {"w": P("x"), "stack": P(None, "x"), "b": P("x")}
+SHAPES = {"w": (16, 8), "stack": (4, 16, 8), "b": (16,), "layers": (8, 4, 8),
+          "r": (6, 4)}
+LAYER_AXES = {"w": None, "stack": 0, "b": None, "layers": 0, "r": None}
+SPECS = {
+    "w": P("x"),               # rows split over the devices
+    "stack": P(None, "x"),     # every layer's rows split; the layers whole
+    "b": P("x"),
+    "layers": P("x"),          # one layer per device
+    "r": P(),                  # replicated: whole on every device
+}
+# Per-layer strengths on the leaf whose layers are split over the devices:
+# each device must decay its own layers with their own λ.
+STRENGTHS = {"w": 1.0, "stack": 0.7, "b": 1.0, "layers": jnp.linspace(0.2, 1.0, 8),
+             "r": 1.0}
 STEPS = 6
 
 
-def params0():
+@pytest.fixture(params=[AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def mesh(request):
+  return jax.make_mesh((8,), ("x",), axis_types=(request.param,))
+
+
+def params0(keys=SHAPES):
   rng = np.random.default_rng(0)
-  return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+  return {k: rng.standard_normal(SHAPES[k]).astype(np.float32) for k in keys}
 
 
-def grads(t):
+def grads(t, keys=SHAPES):
   rng = np.random.default_rng(10 + t)
   sign = -1.0 if t < 3 else 1.0   # away from θ_0, then back: SPD acts
-  return {k: (0.3 * rng.standard_normal(s) + sign * 0.5).astype(np.float32)
-          for k, s in SHAPES.items()}
+  return {k: (0.3 * rng.standard_normal(SHAPES[k]) + sign * 0.5).astype(np.float32)
+          for k in keys}
 
 
-def reference(tx):
-  params = params0()
+def reference(tx, keys=SHAPES):
+  params = params0(keys)
   state = tx.init(params)
   for t in range(STEPS):
-    updates, state = tx.update(grads(t), state, params)
+    updates, state = tx.update(grads(t, keys), state, params)
     params = optax.apply_updates(params, updates)
   return params, state
 
 
-def sharded_run(tx, mesh, check_vma=True):
-  specs = SPECS
-  state_specs = None
-
-  def init(params):
-    return tx.init(params)
+def sharded_run(tx, mesh, check_vma=True, keys=SHAPES):
+  specs = {k: SPECS[k] for k in keys}
 
   def step(params, state, g):
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state
 
-  params = jax.device_put(params0(), {k: NamedSharding(mesh, s) for k, s in specs.items()})
-  abstract = jax.eval_shape(tx.init, params0())
+  place = lambda tree: jax.device_put(tree, {k: NamedSharding(mesh, s)
+                                             for k, s in specs.items()})
+  params = place(params0(keys))
   # The anchor and moments are split like params; counts and the packed
   # per-layer values are the same on every device.
-  state_specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, abstract, specs,
-      transform_non_params=lambda _: P())
-  init = jax.jit(jax.shard_map(init, mesh=mesh, in_specs=(specs,), out_specs=state_specs,
-                               check_vma=check_vma))
+  state_specs = jax.tree.map(lambda s: s.spec, spd_optax.state_shardings(tx, params))
+  init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(specs,),
+                               out_specs=state_specs, check_vma=check_vma))
   step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, state_specs, specs),
                                out_specs=(specs, state_specs), check_vma=check_vma))
   state = init(params)
   for t in range(STEPS):
-    g = jax.device_put(grads(t), {k: NamedSharding(mesh, s) for k, s in specs.items()})
-    params, state = step(params, state, g)
+    params, state = step(params, state, place(grads(t, keys)))
   return params, state
 
 
-@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
-def test_shard_map_fsdp_matches_unsharded(check_vma):
-  mesh = jax.make_mesh((8,), ("x",))
-  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=1.0,
-                                         layer_axes=LAYER_AXES, **kw)
-  want_params, want_state = reference(make())
-  got_params, got_state = sharded_run(make(axis_name="x"), mesh, check_vma)
-  for k in SHAPES:
+def assert_same_run(got, want, keys=SHAPES):
+  (got_params, got_state), (want_params, want_state) = got, want
+  for k in keys:
     np.testing.assert_allclose(np.asarray(got_params[k]), want_params[k],
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-6, err_msg=k)
   np.testing.assert_allclose(np.asarray(got_state.per_layer),
                              np.asarray(want_state.per_layer), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
+def test_param_specs_match_unsharded(mesh, check_vma):
+  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=STRENGTHS,
+                                         layer_axes=LAYER_AXES, **kw)
+  want = reference(make())
+  got = sharded_run(make(param_specs=SPECS), mesh, check_vma)
+  assert_same_run(got, want)
+  # All 8 layers of the split leaf are in the state, each with its own values.
+  condition = spd_optax.spd_state(got[1]).condition
+  assert condition["layers"].shape == (8,)
+  assert len(np.unique(np.asarray(condition["layers"]))) == 8
   # SPD acted (so per-shard sums would have shown): without it, another run.
   plain, _ = reference(spd_optax.adam_spd(1e-2, weight_decay=0.0))
-  assert all(np.abs(plain[k] - want_params[k]).max() > 1e-3 for k in SHAPES)
+  assert all(np.abs(plain[k] - want[0][k]).max() > 1e-3 for k in SHAPES)
 
 
-def test_shard_map_without_axis_name_is_refused():
-  mesh = jax.make_mesh((8,), ("x",))
-  tx = spd_optax.adam_spd(1e-2, layer_axes=LAYER_AXES)
+def test_axis_name_matches_unsharded(mesh):
+  # The leaves axis_name can describe: one layer each, split or replicated.
+  keys = ("w", "b", "r")
+  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=1.0, **kw)
+  assert_same_run(sharded_run(make(axis_name="x"), mesh, keys=keys),
+                  reference(make(), keys), keys)
+
+
+def test_axis_name_cannot_tell_how_a_stacked_leaf_is_split(mesh):
+  # [8, 4, 8] split along its layers, or [4, 16, 8] along each layer's rows:
+  # the per-layer sums are added over devices in one case only.
+  for key in ("layers", "stack"):
+    tx = spd_optax.adam_spd(1e-2, layer_axes={key: 0}, axis_name="x")
+    with pytest.raises(ValueError, match=rf"params\['{key}'\] stacks layers.*param_specs="):
+      sharded_run(tx, mesh, keys=(key,))
+
+
+def test_check_vma_false_needs_param_specs(mesh):
+  # Without varying-axis tracking a replicated leaf looks like a split one
+  # (its sums would be added 8 times over): refused, with the fix.
+  for kw in ({}, {"axis_name": "x"}):
+    tx = spd_optax.adam_spd(1e-2, **kw)
+    with pytest.raises(ValueError, match="check_vma=False.*param_specs="):
+      sharded_run(tx, mesh, check_vma=False, keys=("w", "r"))
+
+
+def test_shard_map_refusals(mesh):
+  tx = spd_optax.adam_spd(1e-2)
   with pytest.raises(ValueError, match=r"params\['b'\] varies over the manual mesh axes \['x'\].*axis_name="):
-    sharded_run(tx, mesh)
-  with pytest.raises(ValueError, match="check_vma=False.*axis_name="):
-    sharded_run(tx, mesh, check_vma=False)
-
-
-def test_shard_map_axis_name_must_name_manual_axes():
-  mesh = jax.make_mesh((8,), ("x",))
-  tx = spd_optax.adam_spd(1e-2, layer_axes=LAYER_AXES, axis_name="data")
+    sharded_run(tx, mesh, keys=("b",))
+  tx = spd_optax.adam_spd(1e-2, axis_name="data")
   with pytest.raises(ValueError, match=r"axis_name \['data'\] are not manual axes"):
-    sharded_run(tx, mesh)
+    sharded_run(tx, mesh, keys=("w",))
+  # A spec that does not say how the leaf is split.
+  tx = spd_optax.adam_spd(1e-2, param_specs={"w": P(), "r": P()})
+  with pytest.raises(ValueError, match=r"params\['w'\] varies over .*\['x'\].*param_specs entry"):
+    sharded_run(tx, mesh, keys=("w", "r"))
   with pytest.raises(TypeError, match="axis_name must be"):
     spd_optax.adam_spd(1e-2, axis_name=["x"])
+  with pytest.raises(ValueError, match="axis_name or param_specs, not both"):
+    spd_optax.adam_spd(1e-2, axis_name="x", param_specs=SPECS)
+  tx = spd_optax.adam_spd(1e-2, param_specs={"w": "x"})
+  with pytest.raises(TypeError, match=r"param_specs for params\['w'\] must be a .*PartitionSpec"):
+    tx.init(params0(("w",)))
 
 
-def test_replicated_params_in_shard_map_need_no_axis_name():
+def test_replicated_params_in_shard_map_need_no_axis_name(mesh):
   # Pure data parallelism: every device holds whole leaves (grads already
   # averaged), so nothing varies and nothing needs summing.
-  mesh = jax.make_mesh((8,), ("x",))
   tx = spd_optax.adam_spd(1e-2, layer_axes=LAYER_AXES)
   want_params, _ = reference(tx)
 
@@ -117,6 +165,7 @@ def test_replicated_params_in_shard_map_need_no_axis_name():
       params = optax.apply_updates(params, updates)
     return params
 
-  got = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(), out_specs=P()))(params0())
+  params = jax.device_put(params0(), NamedSharding(mesh, P()))
+  got = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(), out_specs=P()))(params)
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(got[k]), want_params[k], rtol=1e-5, atol=1e-6)
