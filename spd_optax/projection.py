@@ -36,18 +36,38 @@ def _variadic_sums_jvp(axes, primals, tangents):
   return _variadic_sums(xs, axes), tuple(jnp.sum(dx, axis=axes) for dx in dxs)
 
 
+# Elements per block of XLA:CPU's sums (see `_blocked_sums`).
+CPU_BLOCK = 4096
+
+
+def _blocked_sums(xs, axes):
+  """`_variadic_sums(xs, axes)` accurate to float32's rounding whatever the
+  shape: XLA:CPU accumulates a reduction in sequence, so one float32 sum
+  over a long axis loses digits (2^21 squares: 1.5e-3 of ‖d‖², 8M: 1.2e-2).
+  The reduced axes are summed as one, in blocks of CPU_BLOCK elements, then
+  the blocks' sums in blocks again (2e-7 on the same leaves; the same step
+  time, benchmarks/NOTES.md). Not where XLA splits the leaf over devices:
+  there each device sums its part, and blocks would be sent between them."""
+  if partitioned(xs[0]):
+    return _variadic_sums(xs, axes)
+  kept = tuple(i for i in range(xs[0].ndim) if i not in axes)
+  xs = tuple(jnp.moveaxis(x, kept, tuple(range(len(kept)))) for x in xs)
+  lead = xs[0].shape[:len(kept)]
+  xs = tuple(x.reshape(*lead, -1) for x in xs)
+  while xs[0].shape[-1] > CPU_BLOCK:
+    n = xs[0].shape[-1]
+    whole = n - n % CPU_BLOCK
+    blocks = _variadic_sums(tuple(x[..., :whole].reshape(*lead, -1, CPU_BLOCK)
+                                  for x in xs), (len(lead) + 1,))
+    if whole < n:
+      rest = _variadic_sums(tuple(x[..., whole:] for x in xs), (len(lead),))
+      blocks = tuple(jnp.concatenate([b, r[..., None]], -1) for b, r in zip(blocks, rest))
+    xs = blocks
+  return _variadic_sums(xs, (len(lead),))
+
+
 def _sums_cpu(g, d, u, axes):
-  terms = (g * d, d * d, d * u, u * u)
-  if len(axes) > 1 and not partitioned(d):
-    # Over the last axis first, then the rest: XLA:CPU accumulates a
-    # variadic reduction in sequence, and over a whole 2048×5504 leaf in one
-    # float32 sum ‖d‖² lost 2% (per-row sums first: 2e-7, about 2% more
-    # step time; benchmarks/NOTES.md). Not where XLA splits the leaf over
-    # devices: there each device sums its part, and the per-row sums would
-    # be sent between devices.
-    terms = _variadic_sums(terms, axes[-1:])
-    axes = axes[:-1]
-  gd, dd, du, uu = _variadic_sums(terms, axes)
+  gd, dd, du, uu = _blocked_sums((g * d, d * d, d * u, u * u), axes)
   return gd, dd, 2 * du + uu
 
 
@@ -292,7 +312,7 @@ def row_axes(ndim: int, axes) -> tuple[int | None, tuple[int, ...]]:
 
 def _row_sums_cpu(g, d, u, within):
   new = jnp.abs(d + u)
-  return _variadic_sums((g * d, new, new - jnp.abs(d), jnp.square(d + u)), within)
+  return _blocked_sums((g * d, new, new - jnp.abs(d), jnp.square(d + u)), within)
 
 
 def _row_sums_plain(g, d, u, within):
