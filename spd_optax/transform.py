@@ -10,6 +10,7 @@ from jax import lax
 import numpy as np
 import optax
 
+from spd_optax import _compat
 from spd_optax import adam
 from spd_optax import layers
 from spd_optax import layout as layout_lib
@@ -385,7 +386,7 @@ def _spd(inner, weight_decay, anchor, mask, *, layer_axes, anchor_dtype,
   project = projection.project if norm == "frobenius" else projection.project_rows
   anchor_dtype = check_float_dtype("anchor_dtype", anchor_dtype)
   layers.check_layer_axes(layer_axes)
-  if anchor_on_host and not _host_memory_works():
+  if anchor_on_host and not _compat.host_memory_works():
     warnings.warn(
         "anchor_on_host=True has no effect here: XLA:CPU before jax 0.10.2 "
         "has no pinned_host memory, so the anchor stays in device memory (and "
@@ -575,20 +576,6 @@ def _check_layer_shapes(params, params_l, axes_l, specs, shapes) -> None:
           "metadata): compute the tree once and pass it.")
 
 
-def _varying(x) -> frozenset:
-  """The manual mesh axes (of an enclosing `jax.shard_map`) over which `x`
-  takes different values on different devices."""
-  if x is None or isinstance(x, optax.MaskedNode):
-    return frozenset()
-  aval = jax.typeof(x)
-  for get in (lambda t: t.vma, lambda t: t.manual_axis_type.varying):
-    try:
-      return frozenset(get(aval))
-    except AttributeError:
-      pass
-  return frozenset()
-
-
 def _specs(param_specs, params) -> list:
   """Per leaf of params, its `PartitionSpec` in `param_specs`, or None."""
   if param_specs is None:
@@ -633,8 +620,9 @@ def _manual_split(path, p, arrays, axes, axis_name, spec):
   manual = set(jax.sharding.get_abstract_mesh().manual_axes)
   if not manual:
     return (), ()
-  varying = frozenset().union(*map(_varying, arrays))
-  checked = _tracks_varying_axes()
+  varying = frozenset().union(*(_compat.varying_axes(x) for x in arrays
+                                 if x is not None and not isinstance(x, optax.MaskedNode)))
+  checked = _compat.tracks_varying_axes()
   if spec is not None:
     if len(spec) > np.ndim(p):
       raise ValueError(f"param_specs for params{path} is {spec}, for a leaf of "
@@ -687,24 +675,6 @@ def _manual_split(path, p, arrays, axes, axis_name, spec):
         "axis_name.")
   # Invariant values need no sum (psum would count them once per device).
   return tuple(n for n in names if n in varying), ()
-
-
-def _host_memory_works() -> bool:
-  # The version first: asking for the backend initialises it, which must
-  # not happen before jax.distributed.initialize.
-  version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-  return version >= (0, 10, 2) or jax.default_backend() != "cpu"
-
-
-def _tracks_varying_axes() -> bool:
-  # shard_map(check_vma=False) leaves every value's varying axes empty, so
-  # "varies over nothing" means nothing there. JAX exposes the flag only
-  # privately; where it cannot be read, trust nothing.
-  try:
-    from jax._src import config
-    return bool(config._check_vma.value)
-  except (ImportError, AttributeError):
-    return False
 
 
 def _warn_if_anchor_on_device(paths, anchors_l) -> None:
