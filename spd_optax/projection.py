@@ -1,6 +1,7 @@
 """The per-layer SPD projection of one leaf: the step's arithmetic."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +54,11 @@ def _blocked_sums(xs, axes):
   kept = tuple(i for i in range(xs[0].ndim) if i not in axes)
   xs = tuple(jnp.moveaxis(x, kept, tuple(range(len(kept)))) for x in xs)
   lead = xs[0].shape[:len(kept)]
-  xs = tuple(x.reshape(*lead, -1) for x in xs)
+  xs = tuple(x.reshape(*lead, math.prod(x.shape[len(kept):])) for x in xs)
   while xs[0].shape[-1] > CPU_BLOCK:
     n = xs[0].shape[-1]
     whole = n - n % CPU_BLOCK
-    blocks = _variadic_sums(tuple(x[..., :whole].reshape(*lead, -1, CPU_BLOCK)
+    blocks = _variadic_sums(tuple(x[..., :whole].reshape(*lead, whole // CPU_BLOCK, CPU_BLOCK)
                                   for x in xs), (len(lead) + 1,))
     if whole < n:
       rest = _variadic_sums(tuple(x[..., whole:] for x in xs), (len(lead),))
