@@ -179,8 +179,9 @@ def _gpu(coef, g, p, a, m, v, *, interpret):
     g_ref, p_ref, *refs = refs
     a_ref = refs.pop(0) if has_anchor else None
     m_ref, v_ref, m_out, v_out, *sum_refs = refs
-    # The last block runs past the layer's end: masked lanes load zeros,
-    # which add nothing to any sum, and are not stored.
+    # The last block runs past the layer's end: its lanes there load zeros
+    # and are not stored. Their terms are masked too: with eps = 0 a zero
+    # lane's direction is 0/0.
     valid = pl.program_id(1) * GPU_BLOCK + jnp.arange(GPU_BLOCK) < n
     load = lambda r: plgpu.load(r, mask=valid, other=0.0)
     coef = [coef_ref[i] for i in range(8)]
@@ -190,7 +191,7 @@ def _gpu(coef, g, p, a, m, v, *, interpret):
     plgpu.store(m_out, m, mask=valid)
     plgpu.store(v_out, v, mask=valid)
     for ref, t in zip(sum_refs, terms):
-      ref[...] = jnp.sum(t)
+      ref[...] = jnp.sum(jnp.where(valid, t, 0.0))
 
   block = pl.BlockSpec((None, GPU_BLOCK), lambda l, i: (l, i))
   partial = pl.BlockSpec((None, None), lambda l, i: (l, i))

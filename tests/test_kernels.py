@@ -124,6 +124,20 @@ def test_adam_spd_pallas_matches_xla(anchor):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_pallas_with_zero_eps_masks_the_padded_lanes():
+  # Every leaf here is shorter than the kernel's block of 4096: with eps = 0
+  # a padded lane's direction is 0/0, which must not reach the sums.
+  kw = dict(eps=0.0, weight_decay=0.7, layer_axes=LAYER_AXES)
+  want_p, want_s = _run(spd_optax.adam_spd(LR, **kw))
+  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw))
+  assert np.all(np.isfinite(got_s.per_layer))
+  np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
+  for k in PARAMS:
+    np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=1e-6)
+  plain, _ = _run(spd_optax.adam_spd(LR, **(kw | {"weight_decay": 0.0})))
+  assert np.abs(plain["w"] - want_p["w"]).max() > 1e-4  # SPD acted
+
+
 def test_pallas_first_pass_is_in_the_step():
   tx = spd_optax.adam_spd(LR, layer_axes=LAYER_AXES, first_pass="pallas")
   params = {k: jnp.ones(s) for k, s in PARAMS.items()}
