@@ -53,8 +53,9 @@ def supports(g, p, a, m, v, axes: tuple[int, ...]) -> bool:
   dtypes keep XLA's pass, which forms the update before rounding the
   moments) and layers along axis 0 only."""
   arrays = [g, p, m, v] + ([] if a is None else [a])
+  # A zero-size leaf has no block to run a kernel on.
   return (all(x.dtype == jnp.float32 for x in arrays) and axes in ((), (0,))
-          and p.ndim > len(axes))
+          and p.ndim > len(axes) and p.size > 0)
 
 
 def _tileable(shape) -> bool:

@@ -138,6 +138,21 @@ def test_pallas_with_zero_eps_masks_the_padded_lanes():
   assert np.abs(plain["w"] - want_p["w"]).max() > 1e-4  # SPD acted
 
 
+def test_pallas_on_zero_size_leaves_takes_xlas_pass():
+  shapes = {"a": (0, 4), "b": (4, 0), "c": (0,), "d": (2, 0, 4), "e": (0, 3, 4),
+            "w": (16, 256)}
+  layer_axes = {"a": None, "b": None, "c": None, "d": 0, "e": 0, "w": None}
+  g, p, a, m, v = _leaf((0, 4))
+  assert not kernels.supports(g, p, a, m, v, ())
+  want_p, want_s = _run(spd_optax.adam_spd(LR, layer_axes=layer_axes), shapes=shapes)
+  got_p, got_s = _run(spd_optax.adam_spd(LR, layer_axes=layer_axes, first_pass="pallas"),
+                      shapes=shapes)
+  for k in shapes:
+    assert got_p[k].shape == shapes[k]
+  np.testing.assert_allclose(got_p["w"], want_p["w"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
+
+
 def test_pallas_first_pass_is_in_the_step():
   tx = spd_optax.adam_spd(LR, layer_axes=LAYER_AXES, first_pass="pallas")
   params = {k: jnp.ones(s) for k, s in PARAMS.items()}
