@@ -242,10 +242,24 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
 
   Returns:
     ``(m_t, v_t, (⟨g,d⟩, ‖d‖², s))``, the sums of the layer axes' shape.
+
+  Raises:
+    ValueError: for a leaf `supports` does not take, or with
+      ``platform="tpu"``, one the TPU kernel cannot tile.
   """
+  if not supports(g, p, a, m, v, axes):
+    raise ValueError(
+        f"the Pallas first pass takes float32 leaves of at least one element "
+        f"with layers along axis 0 only; got shape {p.shape}, dtype {p.dtype}, "
+        f"layer axes {axes} (kernels.supports says which).")
   layers = g.shape[0] if axes else 1
   view = (layers, -1, p.shape[-1]) if p.ndim > len(axes) + 1 else (layers, 1, -1)
   views = [x if x is None else x.reshape(view) for x in (g, p, a, m, v)]
+  if platform == "tpu" and not _tileable(views[0].shape):
+    raise ValueError(
+        f"the TPU kernel tiles a leaf as [layers, rows, columns] with columns a "
+        f"multiple of 128 and rows of 8; shape {p.shape} is {views[0].shape} "
+        "there. On a TPU (platform=None) such a leaf takes XLA's pass.")
 
   def on(call, interpret=False):
     def run(coef, g, p, *rest):

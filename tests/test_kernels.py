@@ -153,6 +153,17 @@ def test_pallas_on_zero_size_leaves_takes_xlas_pass():
   np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(13, 129), (12, 130)])
+def test_tpu_kernel_refuses_what_it_cannot_tile(shape):
+  g, p, a, m, v = _leaf(shape)
+  with pytest.raises(ValueError, match="columns a multiple of 128 and rows of 8"):
+    kernels.first_pass(g, p, a, m, v, _coef(), (), platform="tpu")
+  # The Triton kernel takes it, and so does the TPU path on a TPU (XLA's).
+  got = kernels.first_pass(g, p, a, m, v, _coef(), (), platform="gpu")
+  for s, w in zip(got[2], _xla_pass(g, p, a, m, v, ())[2]):
+    np.testing.assert_allclose(s, w, rtol=2e-6, atol=1e-5)
+
+
 def test_pallas_first_pass_is_in_the_step():
   tx = spd_optax.adam_spd(LR, layer_axes=LAYER_AXES, first_pass="pallas")
   params = {k: jnp.ones(s) for k, s in PARAMS.items()}
