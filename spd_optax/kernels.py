@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spd_optax import _compat
 from spd_optax import adam
 from spd_optax import projection
 
@@ -238,7 +239,10 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
       interpreter (tests). None: the kernel of the backend the step is
       compiled for: Mosaic on TPU (XLA's pass for a leaf whose last axis is
       not a multiple of 128, or its rows of 8), Triton on GPU, the Triton
-      kernel in Pallas' interpreter elsewhere.
+      kernel in Pallas' interpreter elsewhere; inside a `jax.shard_map`
+      that checks varying axes (its default), the interpreter cannot run
+      (it pads blocks with values of no axis, which the check refuses), so
+      off accelerators XLA's pass runs there instead.
 
   Returns:
     ``(m_t, v_t, (⟨g,d⟩, ‖d‖², s))``, the sums of the layer axes' shape.
@@ -270,8 +274,11 @@ def first_pass(g: jax.Array, p: jax.Array, a: jax.Array | None, m: jax.Array,
     run = on({"tpu": _tpu, "gpu": _gpu}[platform], interpret=True)
   else:
     tpu = _tpu if _tileable(views[0].shape) else _xla
+    checked = (bool(jax.sharding.get_abstract_mesh().manual_axes)
+               and _compat.tracks_varying_axes())
     run = lambda *xs: lax.platform_dependent(
-        *xs, tpu=on(tpu), cuda=on(_gpu), default=on(_gpu, interpret=True))
+        *xs, tpu=on(tpu), cuda=on(_gpu),
+        default=on(_xla) if checked else on(_gpu, interpret=True))
   # A kernel that writes over its inputs has no derivative in JAX: the
   # derivative is that of the same arithmetic in jnp (`jax.grad` through
   # `update` works as on XLA's pass).

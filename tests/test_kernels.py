@@ -237,7 +237,8 @@ def test_pallas_on_an_explicit_mesh_runs_per_device():
   np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-6)
 
 
-def test_pallas_inside_shard_map_sums_over_devices(check_vma=False):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
+def test_pallas_inside_shard_map_sums_over_devices(check_vma):
   # Hand-written FSDP and layer sharding over 8 devices: each kernel sums
   # its device's part and SPD adds the sums over the axes splitting a
   # layer's elements, and gathers those of split layers.
