@@ -381,6 +381,8 @@ def project_rows(g, p, a, u, lam, axes, psum_axes=()):
   # ‖θ_t - θ_0‖² = Σ_i (1 - λ r_i)² ‖θ̃_t - θ_0‖²_i (row-wise squared L2).
   deviation = jnp.sqrt(jnp.sum(jnp.square(1 - scale) * squares, axis=over_rows,
                                keepdims=True))
-  mean_ratio = jnp.mean(ratio, axis=over_rows, keepdims=True)
+  # A layer of no rows has no ratio to average: 0, as for one not decayed.
+  rows = 1 if row is None else p.shape[row]
+  mean_ratio = jnp.sum(ratio, axis=over_rows, keepdims=True) / max(rows, 1)
   per_layer = lambda x: jnp.reshape(x, layer_shape)
   return update, per_layer(condition), per_layer(mean_ratio), per_layer(deviation)

@@ -98,6 +98,24 @@ def test_zero_rows_and_zero_anchor():
   np.testing.assert_allclose(state.ratio["w"], (0.1 / 1.1) / 3, rtol=1e-5)
 
 
+def test_layers_without_rows():
+  # An empty layer ((0, 4); layers of (2, 0, 4)) is not decayed: ratio 0,
+  # never NaN, and the model's mean ratio is the other layers'.
+  params = {"empty": jnp.zeros((0, 4)), "stack": jnp.zeros((2, 0, 4)),
+            "w": jnp.ones((8, 4))}
+  tx = spd_optax.selective_projection_decay(
+      optax.sgd(-0.1), 1.0, anchor="zeros", norm="rows_l1",
+      layer_axes={"empty": None, "stack": 0, "w": None})
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  assert float(state.ratio["empty"]) == 0
+  np.testing.assert_array_equal(state.ratio["stack"], [0, 0])
+  assert float(state.ratio["w"]) > 0
+  stats = spd_optax.spd_stats(state)
+  np.testing.assert_allclose(stats["mean_ratio"], float(state.ratio["w"]) / 4, rtol=1e-6)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_stacked_equals_separate_leaves(jit):
   # Rows of each layer: in a stacked [L, rows, ...] leaf the first axis
