@@ -106,6 +106,18 @@ def test_param_specs_match_unsharded(mesh, check_vma):
   assert all(np.abs(plain[k] - want[0][k]).max() > 1e-3 for k in SHAPES)
 
 
+def test_masked_leaves_with_the_state_specs_of_state_shardings(mesh):
+  # docs/scaling.md's recipe: the state's specs from state_shardings, which
+  # knows that masked-off leaves store no anchor.
+  mask = {"w": True, "stack": False, "b": False, "layers": True, "r": True}
+  make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=STRENGTHS, mask=mask,
+                                         layer_axes=LAYER_AXES, **kw)
+  want = reference(make())
+  got = sharded_run(make(param_specs=SPECS), mesh)
+  assert_same_run(got, want)
+  assert isinstance(got[1].anchor["b"], optax.MaskedNode)
+
+
 def test_axis_name_matches_unsharded(mesh):
   # The leaves axis_name can describe: one layer each, split or replicated.
   keys = ("w", "b", "r")
