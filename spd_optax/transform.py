@@ -305,7 +305,9 @@ def selective_projection_decay(
     anchor_dtype: a floating dtype to store the anchor in (default: each
       param's own); ``jnp.bfloat16`` halves its memory for float32 params.
       The run is then exactly SPD anchored at the params rounded to that
-      dtype. Under `optax.inject_hyperparams`, pass
+      dtype: from step 1 on, since the params differ from that anchor by
+      the rounding (round the params before ``init`` to start on it; see
+      docs/scaling.md). Under `optax.inject_hyperparams`, pass
       ``static_args=("anchor_dtype",)``.
     anchor_on_host: keep the anchor in host memory (``pinned_host``, on
       backends with memory kinds: GPU, TPU, CPU) and move it in each step.

@@ -163,6 +163,24 @@ def test_anchor_dtype_bfloat16():
   chex.assert_trees_all_close(got, params, rtol=1e-6)
 
 
+def test_bfloat16_anchor_decays_at_step_one_unless_the_params_start_on_it():
+  # docs/scaling.md: the params differ from a rounded anchor by the
+  # rounding, which SPD can take for a move away at step 1; rounded params
+  # start on the anchor, and nothing is decayed at step 1.
+  keys = jax.random.split(jax.random.key(5), 16)
+  params = {f"w{i}": jax.random.normal(k, (32, 32)) for i, k in enumerate(keys[:8])}
+  grads = {f"w{i}": jax.random.normal(k, (32, 32)) for i, k in enumerate(keys[8:])}
+  tx = spd_optax.adam_spd(1e-3, anchor_dtype=jnp.bfloat16)
+  _, state = tx.update(grads, tx.init(params), params)
+  assert float(spd_optax.spd_stats(state)["decayed_fraction"]) > 0
+  rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), params)
+  _, state = tx.update(grads, tx.init(rounded), rounded)
+  assert float(spd_optax.spd_stats(state)["decayed_fraction"]) == 0
+  _, state = spd_optax.adam_spd(1e-3).update(grads, spd_optax.adam_spd(1e-3).init(params),
+                                             params)
+  assert float(spd_optax.spd_stats(state)["decayed_fraction"]) == 0
+
+
 def test_float64_reductions():
   with jax.enable_x64(True):
     params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
