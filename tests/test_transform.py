@@ -181,6 +181,25 @@ def test_bfloat16_anchor_decays_at_step_one_unless_the_params_start_on_it():
   assert float(spd_optax.spd_stats(state)["decayed_fraction"]) == 0
 
 
+def test_cpu_step_temporaries_are_one_update_per_leaf():
+  # docs/scaling.md: XLA:CPU keeps each leaf's proposed update between the
+  # passes (the whole model's size at once), where optax.adam keeps nothing.
+  shapes = {f"w{i}": (256, 256) for i in range(4)}
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+  def temporaries(tx):
+    def step(p, s, g):
+      updates, s = tx.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  model = sum(4 * 256 * 256 for _ in shapes)
+  assert temporaries(optax.adam(1e-3)) < 1024   # a few scalars
+  assert 0.99 * model <= temporaries(spd_optax.adam_spd(1e-3)) <= 1.01 * model
+
+
 def test_float64_reductions():
   with jax.enable_x64(True):
     params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
