@@ -61,3 +61,14 @@ def test_bench_reports_per_step_times_with_several_steps_per_call():
   assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
   assert all(v > 0 for v in r["median_ms"].values())
   assert r["ratio_to_adamw"]["optax.adamw"] == 1
+
+
+def test_anchor_dtype_study_runs(capsys):
+  # benchmarks/anchor_dtype.py, whose numbers docs/scaling.md quotes, on a
+  # couple of short runs: the bfloat16 anchor decays at step 1, the float32
+  # one does not.
+  from benchmarks import anchor_dtype
+  import jax.numpy as jnp
+  f32, bf16 = (anchor_dtype.run(0, 3, d) for d in (None, jnp.bfloat16))
+  assert f32["decayed_at_1"] == 0 and bf16["decayed_at_1"] > 0
+  assert 0 < bf16["step1_pull_over_update"] < 1
