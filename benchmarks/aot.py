@@ -1,4 +1,4 @@
-"""Compile-only structure of one optimizer step on XLA:TPU and XLA:GPU targets.
+"""Compile-only structure of one optimizer step on XLA:TPU, XLA:GPU and XLA:CPU.
 
 COMPILER COUNTS AND ESTIMATES, NOT TIMINGS. Nothing here runs on an
 accelerator: each step is compiled for a TPU topology (libtpu) or an H200
@@ -10,6 +10,8 @@ on TPU, its own cost model (``estimated_cycles``).
   python benchmarks/aot.py --target tpu
   # GPU (a venv with jax[cuda13]; run with JAX_PLATFORMS=cpu)
   JAX_PLATFORMS=cpu python benchmarks/aot.py --target gpu
+  # this machine's XLA:CPU, one device and a (2, 4) mesh of host devices
+  python benchmarks/aot.py --target cpu
 
 Each optimizer is compiled as one donated ``params, state = step(params,
 grads, state)``. Per set and optimizer it reports, from the entry
@@ -28,6 +30,9 @@ computation of the optimized HLO:
 - arrays in and out of the entry computation, per leaf;
 - XLA:TPU's estimated cycles: the sum of ``estimated_cycles`` over the
   entry computation (TPU only);
+- ``hlo_sha256``: a fingerprint of the optimized HLO less its source
+  metadata (`hlo_fingerprint`), so that two versions of the library can be
+  shown to compile the same step;
 - peak memory per device: ``memory_analysis()``'s
   ``peak_memory_in_bytes`` where it has one (XLA:TPU, XLA:GPU), else
   arguments + outputs - aliased + temporaries. XLA:TPU's counts pinned_host
@@ -47,6 +52,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -141,6 +147,15 @@ class Target:
     return self.mesh.devices.size > 1
 
 
+def cpu_target(mesh_shape) -> Target:
+  """This machine's XLA:CPU, on one device or a mesh of the host devices
+  that ``--xla_force_host_platform_device_count`` makes (main sets 8)."""
+  n = int(np.prod(mesh_shape))
+  devices = np.array(jax.devices("cpu")[:n]).reshape(mesh_shape)
+  label = f"cpu {'x'.join(map(str, mesh_shape))}" if n > 1 else "cpu:1 device"
+  return Target(label, Mesh(devices, ("data", "model")), "cpu")
+
+
 def tpu_target(topology: str, mesh_shape) -> Target:
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   devices = np.array(topo.devices)[:int(np.prod(mesh_shape))].reshape(mesh_shape)
@@ -174,6 +189,15 @@ def naive_spd(lr, weight_decay):
   return optimizer_step.naive_spd(lr, weight_decay)
 
 
+def pallas_adam_spd(lr, **kw):
+  """adam_spd with its first pass from the Pallas kernels, from wherever the
+  installed library keeps them."""
+  experimental = getattr(spd_optax, "experimental", None)
+  if experimental is not None:
+    return experimental.adam_spd(lr, **kw)
+  return spd_optax.adam_spd(lr, first_pass="pallas", **kw)
+
+
 def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
   """name -> optimizer for one set (`layer_axes` None when unstacked). With
   `param_specs` (a sharded target's), a name ending in "in shard_map" is
@@ -188,11 +212,15 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
       "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
   }
   spd = lambda **kw: spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
+  pallas = lambda **kw: pallas_adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
+  out["adam_spd rows_l1"] = spd(norm="rows_l1")
+  out["adam_spd zeros anchor"] = spd(anchor="zeros")
+  out["adam_spd bf16 anchor"] = spd(anchor_dtype=jnp.bfloat16)
   if param_specs is not None:
     out["adam_spd in shard_map"] = spd(param_specs=param_specs)
-    out["adam_spd pallas in shard_map"] = spd(param_specs=param_specs, first_pass="pallas")
+    out["adam_spd pallas in shard_map"] = pallas(param_specs=param_specs)
   else:
-    out["adam_spd pallas"] = spd(first_pass="pallas")
+    out["adam_spd pallas"] = pallas()
   if layer_axes is not None:
     del out["naive SPD"]  # its sums are per leaf, not per layer
   if host_anchor:
@@ -384,6 +412,15 @@ def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
   }
 
 
+def hlo_fingerprint(text: str) -> str:
+  """sha256 of an optimized HLO module's text less what names the Python
+  source (op metadata, the module's name): the same compiled step built by
+  other code has the same fingerprint."""
+  text = re.sub(r",? metadata=\{[^{}]*\}", "", text)
+  text = re.sub(r"^HloModule \S+", "HloModule step", text, flags=re.M)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def memory(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
@@ -480,6 +517,7 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
   leaf_elements = [int(np.prod(p.sharding.shard_shape(p.shape))) for p in params.values()]
   out = hlo_counts(text, leaf_elements, jnp.dtype(dtype).itemsize)
   out |= memory(compiled)
+  out["hlo_sha256"] = hlo_fingerprint(text)
   out["state_arrays"] = len(jax.tree.leaves(state))
   out["largest_leaf_bytes"] = max(leaf_elements) * jnp.dtype(dtype).itemsize
   out["compile_s"] = round(seconds, 1)
@@ -577,12 +615,16 @@ def plan(target_kind, sets):
     llama = [s for s in sets if s.startswith("llama")]
     return [(v5e, sets), (tpu_target("v5p:4x4x4", (16, 4)), llama),
             (tpu_target("v5e:2x2", (1, 1)), llama)]
+  if target_kind == "cpu":
+    one = cpu_target((1, 1))
+    one.host_anchor = True  # pinned_host on XLA:CPU from jax 0.10.2
+    return [(one, sets), (cpu_target((2, 4)), sets)]
   return [(gpu_target("h200"), sets)]
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--target", choices=["tpu", "gpu"])
+  parser.add_argument("--target", choices=["tpu", "gpu", "cpu"])
   parser.add_argument("--show", nargs="+", default=None, metavar="JSON",
                       help="print the tables of results written before, and exit")
   parser.add_argument("--sets", nargs="+", choices=SETS, default=DEFAULT_SETS)
@@ -601,6 +643,9 @@ def main(argv=None):
     return
   if args.target is None:
     parser.error("--target is required")
+  if args.target == "cpu":  # before jax starts its backends
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
   hlo_dir = None if args.hlo_dir is None else pathlib.Path(args.hlo_dir)
   if hlo_dir is not None:
     hlo_dir.mkdir(parents=True, exist_ok=True)
