@@ -43,7 +43,7 @@ computation of the optimized HLO:
 it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
 "adam_spd host-anchor" keeps the anchor in pinned host memory
 (``anchor_on_host=True``), brought in leaf by leaf. "adam_spd pallas" takes
-its first pass from `spd_optax.kernels` (Pallas), which XLA:TPU's cost model
+its first pass from `spd_optax.experimental` (Pallas), which XLA:TPU's cost model
 gives no estimate; on a sharded slice it runs inside `jax.shard_map`, as
 does "adam_spd in shard_map" (the XLA pass) beside it.
 """
@@ -76,7 +76,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import optimizer_step  # noqa: E402
 import spd_optax  # noqa: E402
-from spd_optax import projection  # noqa: E402
+from spd_optax import sums  # noqa: E402
 
 DISCLAIMER = ("compiler counts and estimates from compile-only builds, not "
               "timings: nothing ran on an accelerator")
@@ -191,11 +191,11 @@ def naive_spd(lr, weight_decay):
 
 def pallas_adam_spd(lr, **kw):
   """adam_spd with its first pass from the Pallas kernels, from wherever the
-  installed library keeps them."""
-  experimental = getattr(spd_optax, "experimental", None)
-  if experimental is not None:
-    return experimental.adam_spd(lr, **kw)
-  return spd_optax.adam_spd(lr, first_pass="pallas", **kw)
+  library keeps them (spd_optax.experimental since the consolidation)."""
+  try:
+    return spd_optax.experimental.adam_spd(lr, **kw)
+  except AttributeError:
+    return spd_optax.adam_spd(lr, first_pass="pallas", **kw)
 
 
 def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
@@ -231,13 +231,13 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
 
 # --------------------------------------------------------------------------
 # Candidate formulations, compiled in place of the library's: each names the
-# attributes of spd_optax.projection it replaces (benchmarks/NOTES.md).
+# attributes of spd_optax.sums it replaces (benchmarks/NOTES.md).
 
 
 def _sums_two_stage(g, d, u, axes):
   """The sums over all but the last reduced axis first, then the last."""
   if len(axes) < 2:
-    return projection._sums_plain(g, d, u, axes)
+    return sums.frobenius_plain(g, d, u, axes)
   first, last = axes[:-1], axes[-1] - len(axes[:-1])
   part = lambda x: jax.lax.optimization_barrier(jnp.sum(x, axis=first))
   return tuple(jnp.sum(part(x), axis=last) for x in (g * d, d * d, u * (2 * d + u)))
@@ -245,8 +245,8 @@ def _sums_two_stage(g, d, u, axes):
 
 CANDIDATES: dict[str, dict] = {
     # v0.1's one variadic reduction of four sums, on every backend.
-    "variadic": {"_sums": lambda g, d, u, axes: projection._sums_cpu(g, d, u, axes)},
-    "two-stage sums": {"_sums": _sums_two_stage},
+    "variadic": {"frobenius": lambda g, d, u, axes: sums.frobenius_cpu(g, d, u, axes)},
+    "two-stage sums": {"frobenius": _sums_two_stage},
 }
 
 
@@ -418,6 +418,9 @@ def hlo_fingerprint(text: str) -> str:
   other code has the same fingerprint."""
   text = re.sub(r",? metadata=\{[^{}]*\}", "", text)
   text = re.sub(r"^HloModule \S+", "HloModule step", text, flags=re.M)
+  # The tables of Python files, functions and frames the metadata points into.
+  text = re.sub(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n(.+\n)*\n?", "",
+                text, flags=re.M)
   return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -542,7 +545,7 @@ def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
       continue
     tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{target.name}_{set_name}_{name}")
     hlo = None if hlo_dir is None else hlo_dir / f"{tag}.hlo.txt"
-    with patched(projection, **patch):
+    with patched(sums, **patch):
       try:
         r = analyse(tx, shapes, layer_axes, target, dtype, hlo,
                     host_anchor="host-anchor" in name,
