@@ -51,6 +51,13 @@ def _blocked_sums(xs, axes):
   there each device sums its part, and blocks would be sent between them."""
   if partitioned(xs[0]):
     return _variadic_sums(xs, axes)
+  mesh = layout.explicit_mesh(xs[0])
+  if mesh is not None:
+    # A one-device Explicit mesh: the leaf's type is sharded, and merging a
+    # sharded axis in a reshape is a type error; on one device, replicated
+    # is the same layout.
+    xs = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.P()))
+               for x in xs)
   kept = tuple(i for i in range(xs[0].ndim) if i not in axes)
   xs = tuple(jnp.moveaxis(x, kept, tuple(range(len(kept)))) for x in xs)
   lead = xs[0].shape[:len(kept)]

@@ -121,3 +121,17 @@ def test_ratio_of_a_long_leaf_matches_float64():
     exact = ratio(jnp.float64)
   assert exact > 1e-5
   assert abs(want - exact) <= 1e-4 * exact, (want, exact)
+
+
+def test_cpu_sums_on_a_one_device_explicit_mesh():
+  # The leaf's type is sharded over an axis of one device (the flagship
+  # example's one-device run): the blocked sums must not reshape it as such.
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  keys = jax.random.split(jax.random.key(4), 3)
+  g, d, u = (jax.random.normal(k, (2, 48, 64)) for k in keys)
+  want = projection._sums_cpu(g, d, u, (1, 2))
+  place = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(None, None, "fsdp")))
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda g, d, u: projection._sums_cpu(g, d, u, (1, 2)))(*map(place, (g, d, u)))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
