@@ -61,6 +61,10 @@ import re
 import sys
 import time
 
+# No Python source locations in the lowered modules: a Pallas kernel's
+# serialized Mosaic module carries them inside the HLO, where
+# `hlo_fingerprint` cannot strip them.
+os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
