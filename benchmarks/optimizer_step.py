@@ -133,8 +133,8 @@ def optimizers(shapes, stacked, lr=1e-4):
                      stacked_shapes),
     }
   if pallas:
-    out["adam_spd pallas"] = (spd_optax.adam_spd(
-        lr, weight_decay=1.0, layer_axes=layer_axes, first_pass="pallas"), out["adam_spd"][1])
+    out["adam_spd pallas"] = (spd_optax.experimental.adam_spd(
+        lr, weight_decay=1.0, layer_axes=layer_axes), out["adam_spd"][1])
   return out
 
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from spd_optax import layout
+from spd_optax import plan
+from spd_optax import sharding
 
 
 def _log(decay):
@@ -61,7 +62,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   def init_fn(params):
     return optax.ScaleByAdamState(
-        count=layout.like_params(jnp.zeros([], jnp.int32), jax.tree.leaves(params)),
+        count=sharding.like_params(jnp.zeros([], jnp.int32), jax.tree.leaves(params)),
         mu=otu.tree_zeros_like(params, dtype=mu_dtype),
         nu=otu.tree_zeros_like(params))
 
@@ -85,3 +86,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     return new_updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         mu_dtype=None) -> optax.GradientTransformation:
+  """`optax.adam` with `scale_by_adam`'s bias corrections: the base step of
+  `spd_optax.adam_spd`, its arguments checked (a concrete learning rate >=
+  0, a floating ``mu_dtype``)."""
+  plan.check_non_negative("learning_rate", learning_rate)
+  return optax.chain(
+      scale_by_adam(b1=b1, b2=b2, eps=eps,
+                    mu_dtype=plan.check_float_dtype("mu_dtype", mu_dtype)),
+      optax.scale_by_learning_rate(learning_rate),
+  )

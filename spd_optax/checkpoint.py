@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spd_optax.state import _is_masked, spd_states_with_paths
+from spd_optax import trees
+from spd_optax.state import spd_states_with_paths
 
 # 2: the per-layer values are one packed array (format 1 held trees).
 FORMAT = 2
@@ -71,7 +72,7 @@ def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         layout.treedef.unflatten([0] * layout.treedef.num_leaves))[0]]
     anchors = ([None] * len(names) if s.anchor is None else
-               jax.tree.leaves(s.anchor, is_leaf=_is_masked))
+               jax.tree.leaves(s.anchor, is_leaf=trees.is_masked))
     if len(anchors) != len(names):
       raise ValueError(f"opt_state{where}: the anchor has {len(anchors)} leaves "
                        f"for {len(names)} params.")
@@ -81,14 +82,14 @@ def _manifest(opt_state, with_checksums: bool) -> dict[str, Any]:
       if shape is not None:
         # One value per layer: shape () unless the leaf stacks layers.
         entry["layers"] = list(shape)
-      if a is not None and not _is_masked(a):
+      if a is not None and not trees.is_masked(a):
         entry.update(shape=list(a.shape), dtype=jnp.dtype(a.dtype).name)
       leaves[name] = entry
     states[where] = {"anchor": "zeros" if s.anchor is None else "stored",
                      "leaves": leaves}
     if with_checksums and s.anchor is not None:
       stored = [(k, a) for k, a in zip(leaves, anchors)
-                if a is not None and not _is_masked(a)]
+                if a is not None and not trees.is_masked(a)]
       sums = _checksums([a for _, a in stored])
       for (k, _), c in zip(stored, sums):
         leaves[k]["checksum"] = _host_int(c)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from spd_optax import sharding
 from spd_optax import trees
 
 ROWS = ("condition", "ratio", "deviation")
@@ -60,42 +60,20 @@ class Layout:
     return self.treedef.unflatten(out)
 
 
-def mesh_of(x):
-  """The (abstract) mesh in `x`'s type, or None: arrays on a mesh carry it
-  in their type, and on Explicit axes their sharding too."""
-  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-  return None if mesh is None or mesh.empty else mesh
-
-
-def explicit_mesh(x):
-  """The mesh of `x`'s type if it has Explicit axes, else None."""
-  mesh = mesh_of(x)
-  return mesh if mesh is not None and AxisType.Explicit in mesh.axis_types else None
-
-
 def zeros(layout: Layout, dtype, params_l) -> jax.Array:
-  """The packed array at ``init``: zeros, placed as `like_params` places."""
-  return like_params(jnp.zeros((len(ROWS), layout.units), dtype), params_l)
-
-
-def like_params(x, params_l):
-  """`x` replicated on the params' mesh, if they are on one: where a step
-  on those params returns it, so the state's types stay those of ``init``."""
-  for p in params_l:
-    if mesh_of(p) is not None:
-      return _replicated(x, p, constant=True)
-  return x
+  """The packed array at ``init``: zeros, placed as `sharding.like_params`."""
+  return sharding.like_params(jnp.zeros((len(ROWS), layout.units), dtype), params_l)
 
 
 def concat(pieces: list, like) -> jax.Array:
   """`pieces` raveled and concatenated in the dtype of `like` (the state's
   packed array), replicated where `like` is on an Explicit mesh."""
   pieces = [jnp.ravel(x).astype(like.dtype) for x in pieces]
-  if explicit_mesh(like) is not None:
+  if sharding.explicit_mesh(like) is not None:
     # Sums over a leaf sharded along its layer axis come out sharded, and an
     # Explicit mesh concatenates only like-sharded arrays; the result keeps
     # the state's type across `update` (lax.scan carries, the jit cache).
-    pieces = [_replicated(x, like) for x in pieces]
+    pieces = [sharding.replicated(x, like) for x in pieces]
   return jnp.concatenate(pieces)
 
 
@@ -115,15 +93,3 @@ def pack(columns: list, old) -> jax.Array:
   # Row by row, not leaf by leaf: XLA:TPU then forms every leaf's values in
   # one small fusion rather than one per leaf.
   return jnp.stack([concat(list(row), old) for row in zip(*columns)])
-
-
-def _replicated(x, like, constant=False):
-  if isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer):
-    mesh = explicit_mesh(like)
-    # Under jit, Auto axes leave placement to the compiler, and so does a
-    # jit outside jax.set_mesh for a constant (it may have no devices yet).
-    if mesh is None or (constant and jax.sharding.get_abstract_mesh().empty):
-      return x
-    return jax.sharding.reshard(x, NamedSharding(mesh, P()))
-  # Outside jit the concrete mesh places the data.
-  return jax.device_put(x, NamedSharding(like.sharding.mesh, P()))

@@ -4,11 +4,10 @@
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from spd_optax.transform import SPDState, _copy
+from spd_optax import sharding
 from spd_optax import trees
-from spd_optax.trees import is_variable, unwrap
+from spd_optax.transform import SPDState
 
 
 def _is_spd(x) -> bool:
@@ -85,7 +84,7 @@ def spd_stats(state) -> dict[str, jax.Array]:
   # Explicit mesh would need every part on one sharding.
   decayed = ratio_sum = squares = units = 0
   for s in _find(state):
-    per_layer = unwrap(s.per_layer).astype(jnp.float32)
+    per_layer = trees.unwrap(s.per_layer).astype(jnp.float32)
     ratios, deviations = per_layer[1], per_layer[2]
     decayed = decayed + jnp.sum(ratios > 0, dtype=jnp.float32)
     ratio_sum = ratio_sum + jnp.sum(ratios)
@@ -148,7 +147,7 @@ def set_anchor(state, anchor):
   for s in parts:
     for key, old in _by_path(s.anchor, keep_masked=True).items():
       known.add(key)
-      if _is_masked(old):
+      if trees.is_masked(old):
         masked.add(key)  # a leaf, or a whole subtree under a prefix mask
         continue
       if key not in given:
@@ -168,26 +167,15 @@ def set_anchor(state, anchor):
   def replace(s):
     if not _is_spd(s) or s.anchor is None:
       return s  # Variables outside SPD parts stay the same objects
-    flat, treedef = jax.tree_util.tree_flatten_with_path(s.anchor, is_leaf=_is_masked)
-    leaves = [o if _is_masked(o) else _place_like(_copy(given[trees.key(p)], o.dtype), o)
-              for p, o in flat]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(s.anchor, is_leaf=trees.is_masked)
+    copy = lambda p, o: sharding.place_like(sharding.fresh_copy(given[trees.key(p)], o.dtype), o)
+    leaves = [o if trees.is_masked(o) else copy(p, o) for p, o in flat]
     return s._replace(anchor=treedef.unflatten(leaves))
 
-  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or is_variable(x))
+  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or trees.is_variable(x))
 
 
 def _by_path(tree, keep_masked=False) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_is_masked if keep_masked else None)[0]
+      tree, is_leaf=trees.is_masked if keep_masked else None)[0]
   return {trees.key(p): x for p, x in flat}
-
-
-def _place_like(new, old):
-  # Keep the stored anchor's layout: its mesh sharding and memory kind.
-  if isinstance(old, jax.core.Tracer) or not hasattr(old, "sharding"):
-    return new
-  return jax.device_put(new, old.sharding)
-
-
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)

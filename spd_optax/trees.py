@@ -6,6 +6,7 @@ import sys
 from typing import Any, Callable
 
 import jax
+import optax
 
 
 def is_variable(x) -> bool:
@@ -14,6 +15,12 @@ def is_variable(x) -> bool:
   # leaves. Looked up lazily: flax is not a dependency.
   nnx = sys.modules.get("flax.nnx")
   return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def is_masked(x) -> bool:
+  """A place with no leaf: `optax.masked` hands its inner transformation
+  `optax.MaskedNode` there, and SPD stores it where it keeps no anchor."""
+  return isinstance(x, optax.MaskedNode)
 
 
 def unwrap(x):
@@ -79,14 +86,12 @@ def broadcast_prefix(prefix, params, what: str,
   is_entry_or_var = lambda x: is_variable(x) or (is_entry is not None and is_entry(x))
   entries = dict(with_paths(prefix, is_leaf=is_entry_or_var))
   used, out, missing = set(), [], []
-  # A masked-off place (`optax.masked` hands its inner transformation
-  # MaskedNode there) has no leaf but may have an entry.
-  is_masked = lambda x: is_variable(x) or type(x).__name__ == "MaskedNode"
-  for k, leaf in with_paths(params, is_leaf=is_masked):
+  # A masked-off place has no leaf but may have an entry.
+  for k, leaf in with_paths(params, is_leaf=lambda x: is_variable(x) or is_masked(x)):
     found = [k[:i] for i in range(len(k) + 1) if k[:i] in entries]
     if found:
       used.add(found[-1])
-    if type(leaf).__name__ == "MaskedNode":
+    if is_masked(leaf):
       continue
     if not found:
       missing.append(name(k))

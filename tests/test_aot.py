@@ -87,8 +87,7 @@ def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
   # The new moments overwrite the donated old ones: no copies, 12 words.
   shapes, layer_axes = sets()[layout]
   specs = aot.param_specs(shapes, layer_axes, v5e)
-  tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas",
-                          param_specs=specs)
+  tx = spd_optax.experimental.adam_spd(1e-3, layer_axes=layer_axes, param_specs=specs)
   r = aot.analyse(tx, shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
   # One kernel per matrix (a norm's part per device is not a TPU tile: XLA's).
   matrices = sum(len(s) - (layer_axes is not None and layer_axes[k] is not None) == 2
@@ -110,7 +109,7 @@ def test_pallas_first_pass_compiles_for_tpu_on_an_explicit_mesh(v5e):
   explicit = aot.Target("v5e:2x2 explicit", Mesh(v5e.mesh.devices, v5e.mesh.axis_names,
                                                   axis_types=(AxisType.Explicit,) * 2), "tpu")
   shapes, layer_axes = sets()["stacked"]
-  tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, first_pass="pallas")
+  tx = spd_optax.experimental.adam_spd(1e-3, layer_axes=layer_axes)
   r = aot.analyse(tx, shapes, layer_axes, explicit, jnp.float32)
   assert r["kernels"].get("custom-call", 0) == 2, r["kernels"]  # the two matrices
   assert r["param_sized_copies"] == 0 and r["words_per_param"] < 12.1, r["kernels"]

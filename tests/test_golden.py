@@ -17,10 +17,10 @@ def test_golden_files_present():
   assert len(CASES) >= 4, f"expected the golden trajectories in {GOLDEN}"
 
 
-def _replay(z, meta, jit, steps, **options):
+def _replay(z, meta, jit, steps, optimizer=None, **options):
   names = meta["leaves"]
   params = {n: jax.numpy.asarray(z[f"init/{n}"]) for n in names}
-  tx = spd_optax.adam_spd(
+  tx = (optimizer or spd_optax.adam_spd)(
       meta["learning_rate"], b1=meta["b1"], b2=meta["b2"], eps=meta["eps"],
       weight_decay=meta["weight_decay"],
       anchor="params" if meta["anchor"] == "init" else "zeros", **options)

@@ -1,7 +1,8 @@
-"""The Pallas first pass of adam_spd (spd_optax.kernels), run in Pallas'
-interpreter on the CPU: each backend's kernel against the XLA arithmetic,
-and the whole optimizer against its XLA path and the reference."""
+"""The experimental Pallas first pass (spd_optax.experimental), run in
+Pallas' interpreter on the CPU: each backend's kernel against the XLA
+arithmetic, and the whole optimizer against adam_spd and the reference."""
 
+import inspect
 import json
 
 import jax
@@ -12,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import spd_optax
-from spd_optax import kernels
+from spd_optax import experimental
+from spd_optax.experimental import kernels
 from test_golden import CASES, _replay
 
 B1, B2, EPS, LR = 0.9, 0.999, 1e-8, 1e-2
@@ -114,7 +116,7 @@ def test_adam_spd_pallas_matches_xla(anchor):
   kw = dict(weight_decay=0.7, anchor=anchor, layer_axes=LAYER_AXES,
             mask={"w": True, "b": True, "blocks": True, "odd": True, "head": False})
   want_p, want_s = _run(spd_optax.adam_spd(LR, **kw))
-  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw))
+  got_p, got_s = _run(experimental.adam_spd(LR, **kw))
   for k in PARAMS:
     np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
@@ -129,7 +131,7 @@ def test_pallas_with_zero_eps_masks_the_padded_lanes():
   # a padded lane's direction is 0/0, which must not reach the sums.
   kw = dict(eps=0.0, weight_decay=0.7, layer_axes=LAYER_AXES)
   want_p, want_s = _run(spd_optax.adam_spd(LR, **kw))
-  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw))
+  got_p, got_s = _run(experimental.adam_spd(LR, **kw))
   assert np.all(np.isfinite(got_s.per_layer))
   np.testing.assert_allclose(got_s.per_layer, want_s.per_layer, rtol=1e-5, atol=1e-7)
   for k in PARAMS:
@@ -145,7 +147,7 @@ def test_pallas_on_zero_size_leaves_takes_xlas_pass():
   g, p, a, m, v = _leaf((0, 4))
   assert not kernels.supports(g, p, a, m, v, ())
   want_p, want_s = _run(spd_optax.adam_spd(LR, layer_axes=layer_axes), shapes=shapes)
-  got_p, got_s = _run(spd_optax.adam_spd(LR, layer_axes=layer_axes, first_pass="pallas"),
+  got_p, got_s = _run(experimental.adam_spd(LR, layer_axes=layer_axes),
                       shapes=shapes)
   for k in shapes:
     assert got_p[k].shape == shapes[k]
@@ -165,7 +167,7 @@ def test_tpu_kernel_refuses_what_it_cannot_tile(shape):
 
 
 def test_pallas_first_pass_is_in_the_step():
-  tx = spd_optax.adam_spd(LR, layer_axes=LAYER_AXES, first_pass="pallas")
+  tx = experimental.adam_spd(LR, layer_axes=LAYER_AXES)
   params = {k: jnp.ones(s) for k, s in PARAMS.items()}
   jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
   # One kernel per leaf, each once per backend branch (TPU, GPU, others).
@@ -174,11 +176,10 @@ def test_pallas_first_pass_is_in_the_step():
 
 def test_pallas_under_inject_hyperparams_and_a_schedule():
   schedule = optax.linear_schedule(LR, LR / 4, 6)
-  make = lambda fp: optax.inject_hyperparams(spd_optax.adam_spd, static_args=(
-      "layer_axes", "first_pass"))(learning_rate=schedule, weight_decay=0.5,
-                                   layer_axes=LAYER_AXES, first_pass=fp)
-  want_p, _ = _run(make("xla"))
-  got_p, _ = _run(make("pallas"))
+  make = lambda adam_spd: optax.inject_hyperparams(adam_spd, static_args=(
+      "layer_axes",))(learning_rate=schedule, weight_decay=0.5, layer_axes=LAYER_AXES)
+  want_p, _ = _run(make(spd_optax.adam_spd))
+  got_p, _ = _run(make(experimental.adam_spd))
   for k in PARAMS:
     np.testing.assert_allclose(got_p[k], want_p[k], rtol=1e-6, atol=1e-6)
 
@@ -189,7 +190,7 @@ def test_pallas_first_pass_replays_reference(path):
   z = np.load(path)
   meta = json.loads(str(z["meta"]))
   for t, params, _, _ in _replay(z, meta, jit=True, steps=meta["steps"],
-                                 first_pass="pallas"):
+                                 optimizer=experimental.adam_spd):
     for n in meta["leaves"]:
       want = z[f"param/{t}/{n}"].astype(np.float64)
       err = (np.linalg.norm(np.asarray(params[n], np.float64) - want)
@@ -197,19 +198,22 @@ def test_pallas_first_pass_replays_reference(path):
       assert err <= 1e-5, f"step {t} leaf {n}: relative error {err:.2e}"
 
 
-def test_pallas_refusals():
-  with pytest.raises(ValueError, match="first_pass must be one of"):
-    spd_optax.adam_spd(LR, first_pass="triton")
-  with pytest.raises(ValueError, match="anchor in device memory"):
-    spd_optax.adam_spd(LR, first_pass="pallas", anchor_on_host=True)
-  with pytest.raises(ValueError, match="norm='frobenius'"):
-    spd_optax.adam_spd(LR, first_pass="pallas", norm="rows_l1")
+def test_first_pass_moved_out_of_adam_spd():
+  # The argument of the stable adam_spd it was, refused with where it went.
+  for value in ("pallas", "xla"):
+    with pytest.raises(TypeError, match=r"has moved.*spd_optax\.experimental\.adam_spd"):
+      spd_optax.adam_spd(LR, first_pass=value)
+  assert "first_pass" not in inspect.signature(spd_optax.adam_spd).parameters
+  # What the kernels do not offer is refused, with where it is.
+  for kw in ({"anchor_on_host": True}, {"norm": "rows_l1"}):
+    with pytest.raises(TypeError, match=r"takes no .*Use spd_optax\.adam_spd"):
+      experimental.adam_spd(LR, **kw)
 
 
 def test_pallas_refuses_an_auto_mesh_under_plain_jit():
   mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
   params = jax.device_put({"w": jnp.ones((16, 128))}, NamedSharding(mesh, P("x")))
-  tx = spd_optax.adam_spd(LR, first_pass="pallas")
+  tx = experimental.adam_spd(LR)
   state = jax.jit(tx.init)(params)
   with pytest.raises(ValueError, match=r"params\['w'\] is on a mesh of 8 devices with "
                      r"Auto axes.*Explicit axes.*shard_map"):
@@ -228,7 +232,7 @@ def test_pallas_on_an_explicit_mesh_runs_per_device():
   shapes = PARAMS | {"blocks": (4, 8, 128)}
   kw = dict(weight_decay=0.7, layer_axes=LAYER_AXES)
   want_p, want_s = _run(spd_optax.adam_spd(LR, **kw), shapes=shapes)
-  got_p, got_s = _run(spd_optax.adam_spd(LR, first_pass="pallas", **kw), shapes=shapes,
+  got_p, got_s = _run(experimental.adam_spd(LR, **kw), shapes=shapes,
                       place=lambda t: jax.device_put(
                           t, {k: NamedSharding(mesh, s) for k, s in specs.items()}))
   for k in shapes:
@@ -247,8 +251,9 @@ def test_pallas_inside_shard_map_sums_over_devices(check_vma):
   make = lambda **kw: spd_optax.adam_spd(1e-2, weight_decay=fsdp.STRENGTHS,
                                          layer_axes=fsdp.LAYER_AXES, **kw)
   want = fsdp.reference(make())
-  got = fsdp.sharded_run(make(param_specs=fsdp.SPECS, first_pass="pallas"), mesh,
-                         check_vma=check_vma)
+  pallas = experimental.adam_spd(1e-2, weight_decay=fsdp.STRENGTHS,
+                                 layer_axes=fsdp.LAYER_AXES, param_specs=fsdp.SPECS)
+  got = fsdp.sharded_run(pallas, mesh, check_vma=check_vma)
   fsdp.assert_same_run(got, want)
 
 
@@ -258,9 +263,8 @@ def test_pallas_update_is_differentiable_like_xla():
   keys = jax.random.split(jax.random.key(0), 2)
   p0 = {"w": jax.random.normal(keys[0], (16, 128)), "s": jax.random.normal(keys[1], (2, 8, 128))}
   grads = {}
-  for fp in ("xla", "pallas"):
-    tx = spd_optax.adam_spd(1e-1, weight_decay=0.8, layer_axes={"w": None, "s": 0},
-                            first_pass=fp)
+  for fp, adam_spd in (("xla", spd_optax.adam_spd), ("pallas", experimental.adam_spd)):
+    tx = adam_spd(1e-1, weight_decay=0.8, layer_axes={"w": None, "s": 0})
 
     def loss(shift):
       p, s = p0, tx.init(p0)

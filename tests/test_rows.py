@@ -130,7 +130,7 @@ def test_differs_from_frobenius():
   rng = np.random.default_rng(1)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
   out = {}
-  for norm in spd_optax.transform.NORMS:
+  for norm in spd_optax.plan.NORMS:
     tx = spd_optax.selective_projection_decay(optax.sgd(0.05, momentum=0.9), 1.0,
                                               norm=norm)
     p, state = params, tx.init(params)

@@ -1,8 +1,8 @@
-r"""Adam-SPD's first pass over a leaf as one Pallas kernel (opt-in).
+r"""Adam-SPD's first pass over a leaf as one Pallas kernel (experimental).
 
 The first pass of an Adam-SPD step reads $g$, $\theta_{t-1}$, $\theta_0$,
 $m$ and $v$ once and writes the new moments and, per layer, the three sums
-SPD needs before it can finish any element (`projection.layer_sums`):
+SPD needs before it can finish any element (`spd_optax.projection.layer_sums`):
 
 $$
 m_t = (1-\beta_1) g + \beta_1 m, \quad v_t = (1-\beta_2) g^2 + \beta_2 v,
@@ -22,9 +22,9 @@ needs no extra buffer. One kernel per backend, chosen in `first_pass`:
 Mosaic on TPU, Triton on GPU, Pallas' interpreter elsewhere (tests).
 
 A kernel works on one device's data: inside `jax.shard_map`, the caller
-adds the sums over the devices (`selective_projection_decay` does, with
-``axis_name``); on a mesh with Explicit axes, `on_each_device` runs it per
-device itself.
+adds the sums over the devices (`spd_optax.experimental.adam_spd` does, as
+its ``axis_name`` or ``param_specs`` say); on a mesh with Explicit axes,
+`on_each_device` runs it per device itself.
 """
 
 import jax
@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spd_optax import _compat
 from spd_optax import adam
-from spd_optax import projection
+from spd_optax import sums
 
 # Elements per Triton program: 16 per thread at 8 warps.
 GPU_BLOCK = 4096
@@ -75,12 +75,12 @@ def coefficients(neg_lr, bc1, bc2, b1, b2, eps) -> jax.Array:
 
 def _arithmetic(coef, g, p, a, m, v):
   """(m_t, v_t, ⟨g,d⟩ terms, ‖d‖² terms, s terms), element-wise, as
-  `adam.scale_by_adam` and `projection.layer_sums` form them."""
+  `adam.scale_by_adam` and `spd_optax.projection.layer_sums` form them."""
   neg_lr, bc1, bc2, b1, c1, b2, c2, eps = (coef[i] for i in range(8))
   m = c1 * g + b1 * m
   v = c2 * (g * g) + b2 * v
   u = neg_lr * adam.direction(m, v, bc1, bc2, eps)
-  return m, v, projection.terms(g, p if a is None else p - a, u)
+  return m, v, sums.terms(g, p if a is None else p - a, u)
 
 
 def _cost(inputs, m, v) -> pl.CostEstimate:
