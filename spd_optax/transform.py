@@ -219,39 +219,7 @@ def build(inner: optax.GradientTransformation, opts: plan.Options, *,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    if trees.is_placeholder(params):
-      # For optax.tree_map_params: the anchor and the inner state map like
-      # params; count, the per-layer values and (as a leaf here, so that the
-      # real layout need not be known) the layout go to transform_non_params.
-      zero = jnp.zeros(())
-      return SPDState(count=zero, inner_state=inner.init(params),
-                      anchor=params if anchor == "params" else None,
-                      per_layer=zero, layout=zero)
-    flags, leaves = plan.at_init(opts, params)
-    params_l, treedef = jax.tree.flatten(params)
-    anchors = None
-    if anchor == "params":
-      dtype = lambda p: p.dtype if anchor_dtype is None else anchor_dtype
-      anchors = treedef.unflatten([sharding.fresh_copy(p, dtype(p)) if on
-                                   else optax.MaskedNode() for p, on in zip(params_l, flags)])
-      if anchor_on_host:
-        anchors = jax.device_put(anchors, jax.memory.Space.Host)
-    shapes = [None] * len(params_l)
-    for leaf in leaves:
-      shapes[leaf.index] = leaf.layer_shape
-    layout = layout_lib.Layout(
-        treedef=trees.scalar_def(params), keys=tuple(k for k, _ in trees.with_paths(params)),
-        shapes=tuple(shapes), anchor_on_host=anchor_on_host)
-    on_leaves = [params_l[leaf.index] for leaf in leaves]
-    acc = functools.reduce(jnp.promote_types, [sums.acc_dtype(p.dtype) for p in on_leaves],
-                           jnp.dtype(jnp.float32))
-    return SPDState(
-        count=sharding.like_params(jnp.zeros((), jnp.int32), params_l),
-        inner_state=inner.init(params),
-        anchor=anchors,
-        per_layer=layout_lib.zeros(layout, acc, on_leaves),
-        layout=layout,
-    )
+    return _init(inner, opts, params, anchor, anchor_dtype, anchor_on_host)
 
   def update_fn(updates, state, params=None, **extra_args):
     # Checked first, so a mismatch is reported here and not deep inside the
@@ -286,3 +254,41 @@ def build(inner: optax.GradientTransformation, opts: plan.Options, *,
         anchor=state.anchor, per_layer=per_layer, layout=state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _init(inner, opts, params, anchor, anchor_dtype, anchor_on_host) -> SPDState:
+  """`build`'s ``init``: the inner state, the anchor, zeros for the
+  per-layer values, and the layout that says whose they are."""
+  if trees.is_placeholder(params):
+    # For optax.tree_map_params: the anchor and the inner state map like
+    # params; count, the per-layer values and (as a leaf here, so that the
+    # real layout need not be known) the layout go to transform_non_params.
+    zero = jnp.zeros(())
+    return SPDState(count=zero, inner_state=inner.init(params),
+                    anchor=params if anchor == "params" else None,
+                    per_layer=zero, layout=zero)
+  flags, leaves = plan.at_init(opts, params)
+  params_l, treedef = jax.tree.flatten(params)
+  anchors = None
+  if anchor == "params":
+    dtype = lambda p: p.dtype if anchor_dtype is None else anchor_dtype
+    anchors = treedef.unflatten([sharding.fresh_copy(p, dtype(p)) if on
+                                 else optax.MaskedNode() for p, on in zip(params_l, flags)])
+    if anchor_on_host:
+      anchors = jax.device_put(anchors, jax.memory.Space.Host)
+  shapes = [None] * len(params_l)
+  for leaf in leaves:
+    shapes[leaf.index] = leaf.layer_shape
+  layout = layout_lib.Layout(
+      treedef=trees.scalar_def(params), keys=tuple(k for k, _ in trees.with_paths(params)),
+      shapes=tuple(shapes), anchor_on_host=anchor_on_host)
+  on_leaves = [params_l[leaf.index] for leaf in leaves]
+  acc = functools.reduce(jnp.promote_types, [sums.acc_dtype(p.dtype) for p in on_leaves],
+                         jnp.dtype(jnp.float32))
+  return SPDState(
+      count=sharding.like_params(jnp.zeros((), jnp.int32), params_l),
+      inner_state=inner.init(params),
+      anchor=anchors,
+      per_layer=layout_lib.zeros(layout, acc, on_leaves),
+      layout=layout,
+  )
