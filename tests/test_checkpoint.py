@@ -288,3 +288,32 @@ def test_stacked_layers_round_trip_and_layer_axes_checked(tmp_path):
   flat_target = jax.eval_shape(spd_optax.adam_spd(0.05).init, params)
   with pytest.raises(ValueError, match="same layer_axes"):
     spd_ckpt.restore(tmp_path / "ckpt", params, flat_target)
+
+
+def test_restores_a_checkpoint_of_the_release_before_the_consolidation():
+  # tests/data/checkpoint_2ee2956: written by spd_optax.checkpoint.save at
+  # commit 2ee2956 (its make.py). The state's format did not change since:
+  # it restores onto the current optimizer's targets, anchor checksum
+  # checked, and goes on as a run of the current library does.
+  import pathlib
+  import sys
+  here = pathlib.Path(__file__).parent / "data" / "checkpoint_2ee2956"
+  sys.path.insert(0, str(here))
+  try:
+    import make
+  finally:
+    sys.path.remove(str(here))
+  tx = make.make_tx()
+  params, state = make.run(tx)
+  targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, state))
+  got_params, got_state = spd_ckpt.restore(here / "ckpt", *targets)
+  assert jax.tree.structure(got_state) == jax.tree.structure(state)
+  # The same run; XLA:CPU's sums were blocked after 2ee2956 (float32 rounding).
+  chex.assert_trees_all_close(got_params, params, rtol=1e-6)
+  chex.assert_trees_all_close(got_state, state, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_equal(got_state.anchor, state.anchor)
+  assert got_state.condition["blocks"].shape == (3,)
+  assert isinstance(got_state.anchor["head"], optax.MaskedNode)
+  updates, _ = tx.update(make.grads(make.STEPS), got_state, got_params)
+  want, _ = tx.update(make.grads(make.STEPS), state, params)
+  chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-7)
