@@ -310,3 +310,20 @@ def test_spd_state_finds_the_one_state_and_refuses_ambiguity():
                               {"a": "x", "b": "y"})
   with pytest.raises(ValueError, match=r"holds 2 SPDStates.*spd_states_with_paths"):
     spd_optax.spd_state(two.init(params))
+
+
+def test_tree_get_sees_fields_not_the_per_layer_properties():
+  # condition, ratio and deviation are properties over the packed array,
+  # not fields: optax.tree_utils.tree_get does not find them (None), finds
+  # the packed array by its field name, and spd_state finds them anywhere.
+  import optax.tree_utils as otu
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), spd_optax.adam_spd(1e-2))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert otu.tree_get(state, "condition") is None
+  packed = otu.tree_get(state, "per_layer")
+  assert packed.shape == (3, 2)
+  found = spd_optax.spd_state(state)
+  np.testing.assert_array_equal(found.condition["w"], packed[0, 1])   # flatten order: b, w
+  assert set(found.ratio) == {"w", "b"}
