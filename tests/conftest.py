@@ -6,7 +6,7 @@ import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
-# libtpu (the test extra's, for tests/test_aot.py's compile-only TPU checks)
+# libtpu (the aot extra's, for tests/test_aot.py's compile-only TPU checks)
 # must not claim a TPU where there is none, and several test processes may
 # load it. Where a CUDA plugin is installed (a lent GPU machine), jax keeps
 # its own choice of backend.
@@ -15,6 +15,20 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One compilation cache for the run, shared by pytest-xdist's workers and the
+# tests' subprocesses (they inherit the environment): many tests compile the
+# same steps (the examples' runs and their resumes, one configuration over
+# mesh types). Emptied at the end of the run, so no run reads another's.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="spd_optax_jax_cache_")
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+  _OWN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -51,3 +65,8 @@ def pytest_collection_modifyitems(config, items):
   if marked and no_host_memory():
     for item in marked:
       item.add_marker(pytest.mark.xfail(strict=True, reason=NO_HOST_MEMORY_REASON))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -1,13 +1,14 @@
 """Compile-only structure of the adam_spd step on an XLA:TPU target
 (benchmarks/aot.py): deterministic compiler counts, not timings. Skipped
-where libtpu (jax[tpu]) is not installed."""
+where libtpu is not installed (the aot extra: pip install -e ".[aot]";
+.ci/run installs it and runs this file after the suite)."""
 
 import os
 
 import pytest
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-pytest.importorskip("libtpu", reason="compile-only XLA:TPU checks need libtpu (jax[tpu])")
+pytest.importorskip("libtpu", reason="compile-only XLA:TPU checks need libtpu: pip install -e '.[aot]'")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -18,6 +19,16 @@ from benchmarks import aot, optimizer_step  # noqa: E402
 # Two small blocks, sharded FSDP×TP on a v5e:2x2 slice.
 BLOCKS = {f"layer{i}/{n}": s for i in range(2)
           for n, s in {"w": (512, 1024), "v": (1024, 512), "norm": (1024,)}.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_compilation_cache():
+  # An executable compiled for a topology without a client cannot be read back
+  # from the tests' compilation cache (tests/conftest.py): jax warns and
+  # compiles again. Off while this module runs.
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
 
 
 @pytest.fixture(scope="module")
