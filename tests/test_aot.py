@@ -26,9 +26,10 @@ def no_compilation_cache():
   # An executable compiled for a topology without a client cannot be read back
   # from the tests' compilation cache (tests/conftest.py): jax warns and
   # compiles again. Off while this module runs.
+  was = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   yield
-  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_enable_compilation_cache", was)
 
 
 @pytest.fixture(scope="module")

@@ -295,14 +295,12 @@ def test_restores_a_checkpoint_of_the_release_before_the_consolidation():
   # commit 2ee2956 (its make.py). The state's format did not change since:
   # it restores onto the current optimizer's targets, anchor checksum
   # checked, and goes on as a run of the current library does.
+  import importlib.util
   import pathlib
-  import sys
   here = pathlib.Path(__file__).parent / "data" / "checkpoint_2ee2956"
-  sys.path.insert(0, str(here))
-  try:
-    import make
-  finally:
-    sys.path.remove(str(here))
+  spec = importlib.util.spec_from_file_location("checkpoint_2ee2956_make", here / "make.py")
+  make = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make)
   tx = make.make_tx()
   params, state = make.run(tx)
   targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, state))
