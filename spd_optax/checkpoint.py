@@ -131,10 +131,13 @@ def _layout_errors(saved, target) -> list[str]:
 
 
 def _abstract(tree):
+  # A target without a sharding (a bare jax.ShapeDtypeStruct) is restored
+  # onto the default device, where a concrete array would be: Orbax before
+  # 0.12 refuses sharding=None ("should be specified, concrete").
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   def one(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return x
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    sharding = getattr(x, "sharding", None) or default
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   return jax.tree.map(one, tree)
 
 
@@ -158,9 +161,10 @@ def restore(directory, params_target, opt_state_target, step: int | None = None)
   """Restores ``(params, opt_state)`` from step `step` (default: the latest
   finished one) onto the targets' shapes, dtypes and shardings.
 
-  Targets are abstract (`jax.ShapeDtypeStruct` with ``sharding=``, e.g. from
-  `jax.eval_shape`) or concrete arrays; their shardings may differ from the
-  saved ones (another mesh, another number of devices).
+  Targets are abstract (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`)
+  or concrete arrays; their shardings may differ from the saved ones
+  (another mesh, another number of devices). A target leaf without a
+  sharding is restored onto the default device.
 
   Raises:
     ValueError: no such step; the step is partial or corrupt; it was not saved

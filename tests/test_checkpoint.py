@@ -306,8 +306,10 @@ def test_restores_a_checkpoint_of_the_release_before_the_consolidation():
   targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, state))
   got_params, got_state = spd_ckpt.restore(here / "ckpt", *targets)
   assert jax.tree.structure(got_state) == jax.tree.structure(state)
-  # The same run; XLA:CPU's sums were blocked after 2ee2956 (float32 rounding).
-  chex.assert_trees_all_close(got_params, params, rtol=1e-6)
+  # The same run to float32 rounding: XLA:CPU's sums were blocked after
+  # 2ee2956, and the declared minimum jax (0.8.0) rounds some elements
+  # otherwise than the jax that wrote it (3.7e-9 on one of 0.0026).
+  chex.assert_trees_all_close(got_params, params, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(got_state, state, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_equal(got_state.anchor, state.anchor)
   assert got_state.condition["blocks"].shape == (3,)
