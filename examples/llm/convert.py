@@ -81,7 +81,7 @@ def read_gguf(path, *, unpermute: bool = True):
 
   With `unpermute=False` the Q/K rows stay in llama.cpp order (what a
   reference forward pass with adjacent-pair RoPE needs)."""
-  reader = gguf.GGUFReader(str(path))
+  reader = tokenizer_lib.open_gguf(path)
   cfg = config_from_gguf(reader)
   weights = {}
   for t in reader.tensors:
