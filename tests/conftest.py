@@ -6,6 +6,13 @@ import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
+# XLA:CPU runs a collective's 8 participants on a thread pool of
+# max(cores, devices) threads: 8 here, on 2 cores. A long eager sequence of
+# sharded ops (an eager update on a mesh) can leave one of them waiting for
+# a launch slot, and the other 7 then wait for it until XLA aborts the
+# process (1000 eager sums on 8 devices hung in 4 runs of 14 with jax
+# 0.10.2, 14 of 14 with jax 0.8.0; with a pool of 16, none of 14 and 8).
+os.environ.setdefault("PJRT_NPROC", "16")
 # libtpu (the aot extra's, for tests/test_aot.py's compile-only TPU checks)
 # must not claim a TPU where there is none, and several test processes may
 # load it. Where a CUDA plugin is installed (a lent GPU machine), jax keeps

@@ -18,10 +18,14 @@ next to ‖θ − θ0‖.
 import os
 
 # Eight host devices for the CPU mesh; must be set before jax starts. An
-# existing setting (the tests', a user's) wins.
+# existing setting (the tests', a user's) wins. XLA:CPU runs a collective's
+# participants on a pool of max(cores, devices) threads; with no more threads
+# than devices, eager sharded ops can hang it (tests/conftest.py), so the
+# pool gets twice the devices.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8")
+  os.environ.setdefault("PJRT_NPROC", "16")
 
 import argparse
 import dataclasses

@@ -29,7 +29,9 @@ def make_mesh(n_devices):
     raise ValueError(
         f"the mesh needs {n_devices} devices but jax sees {len(jax.devices())}; "
         f"on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n_devices} "
-        f"before starting, or pass --devices {len(jax.devices())}")
+        f"(and PJRT_NPROC={2 * n_devices}: XLA:CPU's collectives can hang with no "
+        f"more threads than devices) before starting, or pass --devices "
+        f"{len(jax.devices())}")
   # jax.make_mesh's default axis type is Explicit: shardings are part of the
   # arrays' types, and the model gathers weights where it uses them.
   return jax.make_mesh((n_devices,), ("fsdp",), devices=jax.devices()[:n_devices])
