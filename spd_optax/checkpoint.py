@@ -132,12 +132,14 @@ def _layout_errors(saved, target) -> list[str]:
 
 def _abstract(tree):
   # A target without a sharding (a bare jax.ShapeDtypeStruct) is restored
-  # onto the default device, where a concrete array would be: Orbax before
-  # 0.12 refuses sharding=None ("should be specified, concrete").
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # onto this process's first device, where a concrete array would be:
+  # Orbax before 0.12 refuses sharding=None ("should be specified, concrete").
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   def one(x):
-    sharding = getattr(x, "sharding", None) or default
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    sharding = getattr(x, "sharding", None)
+    if isinstance(x, jax.ShapeDtypeStruct) and sharding is not None:
+      return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or default)
   return jax.tree.map(one, tree)
 
 
@@ -164,7 +166,7 @@ def restore(directory, params_target, opt_state_target, step: int | None = None)
   Targets are abstract (`jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`)
   or concrete arrays; their shardings may differ from the saved ones
   (another mesh, another number of devices). A target leaf without a
-  sharding is restored onto the default device.
+  sharding is restored onto this process's first device.
 
   Raises:
     ValueError: no such step; the step is partial or corrupt; it was not saved
