@@ -256,6 +256,10 @@ def test_study_smoke_end_to_end_with_resume(tmp_path, onnx_weights):
   assert all(0 <= v["pulled"] <= 1 for h in logged for v in h.values())
   assert set(spd["block_deviation"]) == set(logged[-1])
   timing = json.loads((results / "vit_timing.json").read_text())["parts"]
+  total = timing.pop("total")
+  # One clock reading per boundary: the parts add up to the total to float
+  # rounding (two readings in a row differ by far more than 1e-9 of it).
+  assert sum(timing.values()) == pytest.approx(total, rel=1e-9)
   assert timing["forward/backward"] > 0 and timing["optimizer step"] > 0
   assert timing["evaluation"] > 0
   # Parts are disjoint: "other" is what they leave of the total.
