@@ -1,19 +1,17 @@
 """Selective Projection Decay (Tian et al., NeurIPS 2024) for Optax."""
 
-import importlib
-
 from spd_optax import adam
-from spd_optax.alias import adam_spd
+from spd_optax.adam import adam_spd
+from spd_optax.layers import depth_scaled
 from spd_optax.layers import layer_axes_from_names
-from spd_optax.sharding import state_shardings
 from spd_optax.state import set_anchor
 from spd_optax.state import spd_state
 from spd_optax.state import spd_stats
-from spd_optax.strength import depth_scaled
+from spd_optax.state import state_shardings
 from spd_optax.transform import selective_projection_decay
 from spd_optax.transform import SPDState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SPDState",
@@ -27,11 +25,3 @@ __all__ = [
     "spd_stats",
     "state_shardings",
 ]
-
-
-def __getattr__(name):
-  # spd_optax.experimental (Pallas) is imported when first used, not with
-  # the stable API.
-  if name == "experimental":
-    return importlib.import_module("spd_optax.experimental")
-  raise AttributeError(f"module 'spd_optax' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Layer axes: which axes of a leaf index separate layers.
+"""Helpers that build SPD's per-leaf options from a model: `layer_axes` read
+off a scanned model's partition names, and a depth-decreasing λ.
 
 Scanned models (`flax.nnx.scan`, `flax.linen.scan`, `jax.lax.scan` over
 blocks) store L blocks as one leaf with a leading layer axis. SPD is per
@@ -6,67 +7,20 @@ layer, so such a leaf needs one condition and one ratio per index along that
 axis, not one for the whole stack.
 """
 
-from typing import Any
+import re
+from typing import Any, Callable
+import warnings
 
 import jax
 import numpy as np
 
-from spd_optax import trees
-
-Axes = tuple[int, ...]
-
-
-def is_axes_entry(x) -> bool:
-  """An entry of a `layer_axes` tree: None, an int, or a tuple of ints."""
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-  return x is None or is_int(x) or (isinstance(x, tuple) and all(map(is_int, x)))
-
-
-def check_layer_axes(layer_axes) -> None:
-  """Raises at build time for what can never be a `layer_axes` argument."""
-  if isinstance(layer_axes, (jax.Array, np.ndarray)):
-    raise TypeError(
-        "layer_axes must be None, an int, a tuple of ints, a tree of those "
-        f"like params, or a callable of params; got an array ({layer_axes!r}). "
-        "optax.inject_hyperparams turns numbers into arrays and callables into "
-        "schedules: pass static_args=('layer_axes',) to it.")
-
-
-def resolve(layer_axes, params) -> list[Axes]:
-  """Sorted non-negative layer axes of every leaf of params, flatten order.
-
-  Raises:
-    ValueError: an entry that is not None/int/tuple of ints, an axis the leaf
-      does not have, an axis given twice, or a structure that does not fit.
-  """
-  if callable(layer_axes):
-    layer_axes = layer_axes(params)
-  check_layer_axes(layer_axes)
-  entries = trees.broadcast_prefix(layer_axes, params, "layer_axes", is_axes_entry)
-  leaves = jax.tree.leaves(params)
-  out = []
-  for path, leaf, entry in zip(trees.leaf_paths(params), leaves, entries):
-    if not is_axes_entry(entry):
-      raise ValueError(f"layer_axes for params{path} must be None, an int or a "
-                       f"tuple of ints; got {entry!r}.")
-    axes = () if entry is None else (entry,) if not isinstance(entry, tuple) else entry
-    ndim = np.ndim(leaf) if not hasattr(leaf, "ndim") else leaf.ndim
-    if any(not -ndim <= a < ndim for a in axes):
-      raise ValueError(f"layer_axes {entry!r} for params{path}: the leaf has shape "
-                       f"{tuple(np.shape(leaf))}, so an axis must be in "
-                       f"[{-ndim}, {ndim}).")
-    axes = tuple(sorted(a % ndim for a in axes))
-    if len(set(axes)) != len(axes):
-      raise ValueError(f"layer_axes {entry!r} for params{path} names an axis twice.")
-    out.append(axes)
-  return out
+from spd_optax import options
 
 
 def _names(x) -> tuple | None:
   """The axis names a param carries, if any: nnx Variable sharding metadata,
   linen `Partitioned` boxes, or a `PartitionSpec`."""
-  if trees.is_variable(x):
+  if options.is_variable(x):
     meta = x.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
       if meta.get(key):
@@ -79,7 +33,7 @@ def _names(x) -> tuple | None:
 
 
 def _is_named(x) -> bool:
-  return (trees.is_variable(x) or isinstance(x, jax.sharding.PartitionSpec)
+  return (options.is_variable(x) or isinstance(x, jax.sharding.PartitionSpec)
           or isinstance(getattr(x, "names", None), (tuple, list)))
 
 
@@ -126,11 +80,161 @@ def layer_axes_from_names(tree: Any, name: str = "layers") -> Any:
     return None if not found else found[0] if len(found) == 1 else found
 
   out = jax.tree.map(axes, tree, is_leaf=_is_named)
-  if all(a is None for a in jax.tree.leaves(out, is_leaf=is_axes_entry)):
+  found = jax.tree.leaves(out, is_leaf=options.is_axes_entry)
+  if all(a is None for a in found):
     raise ValueError(
         f"no param carries the partition name {name!r}: scan the blocks with "
         f"nnx.scan(..., transform_metadata={{nnx.PARTITION_NAME: {name!r}}}) "
         "(linen: metadata_params={nn.PARTITION_NAME: ...}) over params made "
         "with with_partitioning, or write layer_axes by hand, e.g. "
         "{'blocks': 0}.")
+  # A param the scan stacked but made without names (a bias, a norm) says
+  # nothing, and would silently be one layer: warn where its leading axis
+  # has the length of the layer axes found.
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]
+  shape = lambda x: np.shape(options.unwrap(x) if options.is_variable(x)
+                            else getattr(x, "value", x))  # a linen box's
+  stacked = {shape(x)[a] for (_, x), axes in zip(flat, found) if axes is not None
+             for a in (axes if isinstance(axes, tuple) else (axes,))
+             if not isinstance(x, jax.sharding.PartitionSpec)}
+  unnamed = [jax.tree_util.keystr(p) for (p, x), axes in zip(flat, found)
+             if axes is None and (_names(x) if _is_named(x) else None) is None
+             and not isinstance(x, jax.sharding.PartitionSpec)
+             and shape(x) and shape(x)[0] in stacked]
+  if unnamed:
+    warnings.warn(
+        f"params {unnamed} carry no partition names, and their first axis has the "
+        f"length of the layer axis {name!r} found on others: if the scan stacks "
+        "them, they are taken as one layer here. Give them names "
+        "(with_partitioning), or set their layer_axes by hand.", stacklevel=2)
   return out
+
+
+def depth_scaled(
+    params: Any,
+    max_weight_decay: float,
+    block_index: str | Callable[[tuple], int | None],
+    *,
+    layer_axes: Any | Callable[[Any], Any] = None,
+    num_blocks: int | None = None,
+    other: float | None = None,
+) -> Any:
+  r"""A `weight_decay` tree that decreases with depth: $\lambda_l =
+  \lambda_{\max}\,(1 - l / N)$ for a leaf of block $l = 0, \dots, L - 1$.
+
+  Early blocks are held closest to the pre-trained weights, late ones adapt
+  most freely. This is the module-wise schedule of the authors' later code
+  (MAPS, Huang et al. 2025), not part of the NeurIPS paper (one λ for all).
+  With the default $N = L$ the last block keeps $\lambda_{\max}/L$; MAPS'
+  form $\lambda_{\max}(1 - l/(L-1))$, which reaches 0 at the last block, is
+  ``num_blocks=L - 1``.
+
+  Stacked and unstacked forms of a model get the same strengths: a leaf
+  stacking layers (per `layer_axes`, as given to the optimizer) gets an
+  array of its per-layer shape, whose layer $j$ (flattened over the layer
+  axes) is block ``index + j``, with ``index`` what `block_index` gives the
+  leaf (0 for a stack of all the blocks).
+
+  Example:
+    ```python
+    # unstacked: params["blocks"][l]; stacked: params["blocks"] is [L, ...]
+    wd = spd_optax.depth_scaled(params, 1.0, "blocks", layer_axes=layer_axes,
+                                other=0.0)
+    tx = spd_optax.adam_spd(1e-4, weight_decay=wd, layer_axes=layer_axes)
+    ```
+
+  Args:
+    params: the params (a plain pytree, an `nnx.State`, ...).
+    max_weight_decay: $\lambda_{\max} \ge 0$, the strength of block 0.
+    block_index: where a leaf's block index comes from. A string names the
+      container of the blocks: the key after it is the index (a list or
+      `nnx.List` index, or a dict key like ``"3"``), or a key ``name_3``
+      (linen's ``blocks_3``); a leaf under it with no index is a stack of
+      all the blocks (index 0; it needs `layer_axes`). Or a callable of a
+      leaf's key path (a tuple of dict keys, attribute names and indices,
+      e.g. ``("blocks", 3, "linear", "kernel")``) returning the index of the
+      leaf's (first) block, or None for a leaf outside the blocks.
+    layer_axes: the optimizer's `layer_axes` (a tree or prefix, or a callable
+      of params), for stacked leaves.
+    num_blocks: $N$; default the number of blocks found,
+      1 + the largest block index.
+    other: λ for leaves outside the blocks (embeddings, a head, a final
+      norm). None (the default) refuses them, naming them: choose their
+      strength, or leave them out of SPD with its ``mask``.
+
+  Returns:
+    A tree like params, with a float per leaf, or an array of its per-layer
+    shape for a stacked leaf; pass it as ``weight_decay``.
+
+  Raises:
+    ValueError: a leaf outside the blocks with ``other=None``, a leaf under
+      the named container with no index and no layer axes, a negative or
+      NaN strength, or a block index at or past `num_blocks` (λ < 0).
+  """
+  if not (isinstance(max_weight_decay, (int, float, np.floating, np.integer))
+          and max_weight_decay >= 0):
+    raise ValueError(f"max_weight_decay must be a float >= 0, got {max_weight_decay!r}.")
+  if other is not None and not (isinstance(other, (int, float, np.floating, np.integer))
+                                and other >= 0):
+    raise ValueError(f"other must be a float >= 0 or None, got {other!r}.")
+  find = _by_name(block_index) if isinstance(block_index, str) else block_index
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=options.is_variable)
+  axes_l = options.layer_axes(layer_axes, params)
+  found, outside = [], []
+  for (path, leaf), axes in zip(flat, axes_l):
+    key = options.key(path)
+    shape = tuple(np.shape(options.unwrap(leaf))[i] for i in axes)
+    index = find(key) if not isinstance(block_index, str) else find(key, bool(axes))
+    if index is None:
+      outside.append(options.name(key))
+    elif not isinstance(index, (int, np.integer)) or isinstance(index, bool) or index < 0:
+      raise ValueError(f"block_index for params{options.name(key)} must be an int >= 0 "
+                       f"or None, got {index!r}.")
+    found.append((index, shape, leaf))
+  if outside and other is None:
+    raise ValueError(
+        f"params {outside} have no block index: pass other= (their λ, e.g. "
+        "0.0), or leave them out of SPD with mask=.")
+  last = max([i + int(np.prod(s)) for i, s, _ in found if i is not None], default=0)
+  n = max(last, 1) if num_blocks is None else num_blocks
+  if not isinstance(n, (int, np.integer)) or n <= 0 or n < last - 1:
+    raise ValueError(f"num_blocks={num_blocks!r}: the blocks found go up to index "
+                     f"{last - 1}, so it must be an int >= {max(last - 1, 1)} "
+                     "(λ would be negative past it).")
+
+  def strength(index, shape, leaf):
+    if index is None:
+      return other
+    if not shape:
+      return max_weight_decay * (1 - index / n)
+    dtype = np.result_type(np.dtype(options.unwrap(leaf).dtype), np.float32)
+    l = index + np.arange(int(np.prod(shape))).reshape(shape)
+    return (max_weight_decay * (1 - l / n)).astype(dtype)
+
+  return treedef.unflatten([strength(*f) for f in found])
+
+
+def _by_name(name: str):
+  pattern = re.compile(rf"{re.escape(name)}_(\d+)")
+
+  def find(key, stacked):
+    for i, k in enumerate(key):
+      match = pattern.fullmatch(k) if isinstance(k, str) else None
+      if match:
+        return int(match.group(1))
+      if k != name:
+        continue
+      nxt = key[i + 1] if i + 1 < len(key) else None
+      if isinstance(nxt, (int, np.integer)) and not isinstance(nxt, bool):
+        return int(nxt)
+      if isinstance(nxt, str) and nxt.isdigit():
+        return int(nxt)
+      if stacked:
+        return 0
+      raise ValueError(
+          f"params{options.name(key)} is under {name!r} with no block index "
+          "after it and no layer_axes: pass the optimizer's layer_axes to "
+          "depth_scaled for stacked blocks, or a callable block_index.")
+    return None
+
+  return find

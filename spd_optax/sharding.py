@@ -1,26 +1,53 @@
-"""Where SPD's arrays live: meshes, `jax.shard_map`'s manual axes, host
-memory, and the shardings of an optimizer state holding SPD."""
-
-from typing import Any
-import warnings
+"""Where SPD's arrays live: meshes, `jax.shard_map`'s manual axes and host
+memory, across the jax versions spd_optax runs on (0.8 to 0.12)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from spd_optax import _compat
-from spd_optax import trees
 
-# --------------------------------------------------------------------------
-# Meshes (under jax.jit, where XLA places the arrays)
+def host_memory_works() -> bool:
+  """Whether `jax.memory.Space.Host` places arrays in host memory here:
+  XLA:CPU has no pinned_host memory before jax 0.10.2."""
+  # The version first: asking for the backend initialises it, which must
+  # not happen before jax.distributed.initialize.
+  version = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+  return version >= (0, 10, 2) or jax.default_backend() != "cpu"
+
+
+def tracks_varying_axes() -> bool:
+  """Whether the enclosing `jax.shard_map` tracks the manual axes values
+  vary over (``check_vma=True``; `jax.pmap` does not). JAX exposes the flag
+  only privately; where it cannot be read, trust nothing."""
+  try:
+    from jax._src import config
+    return bool(config._check_vma.value)
+  except (ImportError, AttributeError):
+    return False
+
+
+def varying_axes(x) -> frozenset:
+  """The manual mesh axes over which `x` takes different values on
+  different devices (``vma`` from jax 0.8.1, ``manual_axis_type.varying``
+  in 0.10)."""
+  aval = jax.typeof(x)
+  for get in (lambda t: t.vma, lambda t: t.manual_axis_type.varying):
+    try:
+      return frozenset(get(aval))
+    except AttributeError:
+      pass
+  return frozenset()
+
+
+def manual_axes() -> frozenset:
+  """The manual axes of the enclosing `jax.shard_map` (or `jax.pmap`)."""
+  return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
 
 
 def mesh_of(x):
-  """The (abstract) mesh in `x`'s type, or None: arrays on a mesh carry it
-  in their type, and on Explicit axes their sharding too."""
+  """The (abstract) mesh in `x`'s type, or None."""
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
   return None if mesh is None or mesh.empty else mesh
 
@@ -35,8 +62,7 @@ def partitioned(x) -> bool:
   """Whether XLA may split `x` over several devices: on a mesh of more than
   one, outside `jax.shard_map` (whose values are one device's own)."""
   mesh = mesh_of(x)
-  return (mesh is not None and mesh.size > 1
-          and not jax.sharding.get_abstract_mesh().manual_axes)
+  return mesh is not None and mesh.size > 1 and not manual_axes()
 
 
 def replicated(x, like, constant=False):
@@ -61,6 +87,14 @@ def like_params(x, params_l):
   return x
 
 
+def like(new, old):
+  """A per-layer value of a step typed as the state held it (dtype, and on
+  an Explicit mesh replicated), so a `lax.scan` carry or a jitted step's
+  signature does not change."""
+  new = new.astype(old.dtype)
+  return replicated(new, old) if explicit_mesh(old) is not None else new
+
+
 def place_like(new, old):
   """`new` with the sharding and memory kind of the array `old`."""
   if isinstance(old, jax.core.Tracer) or not hasattr(old, "sharding"):
@@ -74,15 +108,64 @@ def fresh_copy(x, dtype):
   return jnp.array(x, dtype=dtype, copy=True)
 
 
-# --------------------------------------------------------------------------
-# Inside jax.shard_map: how a leaf is split over the manual axes
+def across_devices(sums, axes, psum_axes=(), layer_split=()):
+  """One device's per-layer sums (reduced axes kept as size 1) made the
+  whole leaf's inside `jax.shard_map`: added over `psum_axes`, which split
+  each layer's elements, and, where a layer axis ``axes[k]`` is split over
+  the manual axes ``layer_split[k]``, gathered from every device, so that
+  all devices hold every layer's values. Unchanged elsewhere."""
+  if psum_axes:
+    sums = lax.psum(sums, psum_axes)
+  out = []
+  for s in sums:
+    for axis, names in zip(axes, layer_split):
+      if names:
+        # A psum of each device's layers placed among all, not an
+        # all_gather: its result is typed the same on every device, as
+        # shard_map's replication check wants of the state.
+        n = s.shape[axis]
+        full = jnp.zeros(s.shape[:axis] + (n * lax.axis_size(names),) + s.shape[axis + 1:],
+                         s.dtype)
+        s = lax.psum(lax.dynamic_update_slice_in_dim(full, s, lax.axis_index(names) * n,
+                                                     axis), names)
+    out.append(s)
+  return tuple(out)
+
+
+def local_layers(x, axes, layer_split=()):
+  """The entries of a per-layer array (of all layers) for this device's
+  layers, where `layer_split` splits them (see `across_devices`)."""
+  for axis, names in zip(axes, layer_split):
+    if names:
+      n = x.shape[axis] // lax.axis_size(names)
+      x = lax.dynamic_slice_in_dim(x, lax.axis_index(names) * n, n, axis)
+  return x
+
+
+def anchor_to_device(anchor, after=None):
+  """One leaf's host anchor in device memory, held back until `after` exists.
+
+  Moving every leaf's anchor in at the start of a step keeps all of them on
+  the device together, which raises the device peak above keeping the
+  anchor there (XLA:TPU's memory analysis, benchmarks/NOTES.md). Tied to
+  the previous leaf's result by `lax.optimization_barrier`, XLA cannot
+  start this leaf's work (and hold its anchor) before that one is done.
+  """
+  if anchor is None:  # the zero anchor
+    return anchor
+  anchor = jax.device_put(anchor, jax.memory.Space.Device)
+  if after is not None:
+    # The barrier on the moved copy, not on the host value: XLA's host
+    # offloading moves a barrier's host operands to the device first.
+    anchor, _ = lax.optimization_barrier((anchor, after))
+  return anchor
 
 
 def dim_axes(spec, ndim) -> list[tuple[str, ...]]:
   """Per axis of a leaf, the manual mesh axes (of the enclosing
   `jax.shard_map`) that `spec` splits it over; axes the compiler shards
   (not manual) are not the step's to handle."""
-  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  manual = manual_axes()
   entries = tuple(spec) + (None,) * (ndim - len(spec))
   names = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
   return [tuple(n for n in names(e) if n in manual) for e in entries[:ndim]]
@@ -99,218 +182,3 @@ def layer_shape(p, axes, spec) -> tuple[int, ...]:
   split = dim_axes(spec, np.ndim(p))
   return tuple(n * int(np.prod([mesh.shape[a] for a in split[i]]))
                for n, i in zip(shape, axes))
-
-
-def manual_split(path, p, arrays, axes, axis_name, spec):
-  """How a leaf is split over the manual axes of an enclosing
-  `jax.shard_map`: (the axes to add its per-layer sums over, and per layer
-  axis the axes splitting it). Each device holds part of such a leaf, and a
-  condition or a norm over its part alone is not SPD's.
-
-  `arrays` are the leaf's (gradient, params, anchor, ...), whose varying
-  axes JAX tracks; `spec` is the leaf's `param_specs` entry, or None.
-  """
-  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-  if not manual:
-    return (), ()
-  varying = frozenset().union(*(_compat.varying_axes(x) for x in arrays
-                                 if x is not None and not trees.is_masked(x)))
-  checked = _compat.tracks_varying_axes()
-  if spec is not None:
-    if len(spec) > np.ndim(p):
-      raise ValueError(f"param_specs for params{path} is {spec}, for a leaf of "
-                       f"{np.ndim(p)} axes.")
-    split = dim_axes(spec, np.ndim(p))
-    named = frozenset().union(*map(frozenset, split))
-    if checked and varying - named:
-      raise ValueError(
-          f"params{path} varies over the manual mesh axes "
-          f"{sorted(varying - named)} of the jax.shard_map, which its "
-          f"param_specs entry {spec} does not split it over: give each leaf "
-          "the PartitionSpec the shard_map's in_specs give it.")
-    over = tuple(n for i, names in enumerate(split) if i not in axes for n in names)
-    return over, tuple(split[i] for i in axes)
-  names = None if axis_name is None else (
-      (axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
-  if not checked:
-    raise ValueError(
-        "selective_projection_decay runs inside a jax.shard_map that does not "
-        "track which axes values vary over (check_vma=False), so it cannot "
-        "tell a split leaf from a replicated one: pass param_specs= (the "
-        "PartitionSpecs the shard_map gives the params).")
-  if names is None:
-    if varying:
-      raise ValueError(
-          f"params{path} varies over the manual mesh axes {sorted(varying)} of "
-          "a jax.shard_map: each device holds part of it, and SPD's condition "
-          "and norms must span the whole layer. Pass axis_name= naming the "
-          "axes the leaf's elements are split over (their per-device sums are "
-          "then added with lax.psum), or param_specs=, or call the optimizer "
-          "outside shard_map.")
-    return (), ()
-  unknown = set(names) - manual
-  if unknown:
-    raise ValueError(f"axis_name {sorted(unknown)} are not manual axes of the "
-                     f"enclosing jax.shard_map (those are {sorted(manual)}).")
-  left = varying - set(names)
-  if left:
-    raise ValueError(
-        f"params{path} varies over the manual mesh axes {sorted(left)}, which "
-        f"axis_name={axis_name!r} does not name: its SPD sums would cover one "
-        "device's part only. Add them to axis_name.")
-  if axes and varying:
-    raise ValueError(
-        f"params{path} stacks layers (layer_axes {axes}) and varies over the "
-        f"manual mesh axes {sorted(varying)}: axis_name cannot say whether its "
-        "layers or each layer's elements are split over them (the sums of "
-        "one are added over devices, of the other not). Pass param_specs= "
-        "(the PartitionSpecs the shard_map gives the params) instead of "
-        "axis_name.")
-  # Invariant values need no sum (psum would count them once per device).
-  return tuple(n for n in names if n in varying), ()
-
-
-def across_devices(sums, psum_axes=(), layer_split=()):
-  """One device's per-layer sums made the whole leaf's, inside
-  `jax.shard_map`: added over `psum_axes`, the manual axes that split a
-  layer's elements, and where a layer axis is split over devices
-  (`layer_split`: per layer axis, the manual axes splitting it), the sums
-  of every device's layers gathered, so that the per-layer values are those
-  of all layers, the same on every device. Unchanged elsewhere."""
-  if psum_axes:
-    sums = lax.psum(sums, psum_axes)
-  return tuple(_gather_layers(s, layer_split) for s in sums)
-
-
-def _gather_layers(x, layer_split):
-  # A psum of each device's layers placed among all, not an all_gather: its
-  # result is typed the same on every device, as shard_map's replication
-  # check wants of the state.
-  for k, names in enumerate(layer_split):
-    if names:
-      n = x.shape[k]
-      full = jnp.zeros(x.shape[:k] + (n * lax.axis_size(names),) + x.shape[k + 1:],
-                       x.dtype)
-      x = lax.psum(lax.dynamic_update_slice_in_dim(full, x, lax.axis_index(names) * n, k),
-                   names)
-  return x
-
-
-def local_layers(x, layer_split=()):
-  """The entries of a per-layer array (of all layers) for this device's
-  layers, where `layer_split` splits them (see `across_devices`)."""
-  for k, names in enumerate(layer_split):
-    if names:
-      n = x.shape[k] // lax.axis_size(names)
-      x = lax.dynamic_slice_in_dim(x, lax.axis_index(names) * n, n, k)
-  return x
-
-
-# --------------------------------------------------------------------------
-# Host memory (anchor_on_host)
-
-
-def anchor_to_device(anchor, after=None):
-  """One leaf's host anchor in device memory, held back until `after` exists.
-
-  Moving every leaf's anchor in at the start of a step keeps all of them
-  on the device together, which raises the device peak above keeping the
-  anchor there (XLA:TPU's memory analysis, benchmarks/NOTES.md). Called
-  per leaf with the previous leaf's result as `after`, the moved copy is
-  tied to that result by `lax.optimization_barrier`, so XLA cannot start
-  the leaf's work (and hold its anchor) before the previous leaf is done.
-  The values are exactly `anchor`'s.
-
-  Args:
-    anchor: one leaf of the anchor, in host memory (or device memory: the
-      move is then a no-op); None (the zero anchor) and `optax.MaskedNode`
-      pass through.
-    after: an array or tree to wait for, e.g. the previous leaf's update;
-      None for the first leaf.
-  """
-  if anchor is None or not hasattr(anchor, "shape"):
-    return anchor
-  anchor = jax.device_put(anchor, jax.memory.Space.Device)
-  if after is not None:
-    # The barrier on the moved copy, not on the host value: XLA's host
-    # offloading moves a barrier's host operands to the device first.
-    anchor, _ = lax.optimization_barrier((anchor, after))
-  return anchor
-
-
-def warn_if_on_device(paths, anchors, stacklevel) -> None:
-  """Warns once if an anchor meant for host memory is in device memory."""
-  for path, a in zip(paths, anchors):
-    if a is None or trees.is_masked(a):
-      continue
-    if getattr(jax.typeof(a), "memory_space", None) == jax.memory.Space.Device:
-      warnings.warn(
-          f"anchor_on_host=True, but the anchor of params{path} arrived in "
-          "device memory, so it takes the device memory it was meant to "
-          "save. Its sharding lost the pinned_host memory kind: give the "
-          "state the shardings of spd_optax.state_shardings(tx, params) "
-          "(optax.tree_map_params gives the anchor the params' shardings, "
-          "in device memory).", stacklevel=stacklevel + 1)
-      return
-
-
-# --------------------------------------------------------------------------
-# The state's shardings
-
-
-def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
-  """Shardings for ``tx.init(params)``, on Explicit and Auto meshes alike.
-
-  Every state array shaped like a param at the same key path (the anchor,
-  Adam's moments, any inner optimizer's params-shaped buffers) gets that
-  param's sharding; an anchor made with ``anchor_on_host=True`` gets it in
-  ``pinned_host`` memory, where `optax.tree_map_params` would put it in
-  device memory; everything else (counts, the packed per-layer values) is
-  replicated. Nothing is computed: `params` may be `jax.ShapeDtypeStruct`s
-  with ``sharding=``. Inside `jax.shard_map`, their ``.spec`` are the
-  state's specs (docs/scaling.md).
-
-  Example:
-    ```python
-    ssh = spd_optax.state_shardings(tx, params)
-    state = jax.jit(tx.init, out_shardings=ssh)(params)
-    step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(psh, ssh))
-    ```
-
-  Args:
-    tx: the optimizer, with SPD anywhere inside it.
-    params: the params (arrays or `jax.ShapeDtypeStruct`s) with
-      `NamedSharding`s.
-
-  Returns:
-    A tree like ``tx.init(params)`` of `NamedSharding`s.
-
-  Raises:
-    ValueError: if no param carries a `NamedSharding` (there is no mesh to
-      lay the state out on).
-  """
-  by_key = [(k, p.sharding, tuple(p.shape)) for k, p in trees.with_paths(params)
-            if isinstance(getattr(p, "sharding", None), NamedSharding)]
-  if not by_key:
-    raise ValueError("no param carries a NamedSharding: place the params on a "
-                     "mesh (jax.device_put(params, shardings)) or pass "
-                     "jax.ShapeDtypeStruct(..., sharding=...) for them.")
-  mesh = by_key[0][1].mesh
-  everywhere = NamedSharding(mesh, P())
-  by_key.sort(key=lambda e: -len(e[0]))   # the longest matching key wins
-
-  def pick(path, leaf):
-    where = trees.key(path)
-    for k, sharding, shape in by_key:
-      if where[len(where) - len(k):] == k and tuple(leaf.shape) == shape:
-        return sharding.with_memory_kind("device")
-    return everywhere
-
-  out = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
-
-  # An SPD state is the part whose static layout says where its anchor
-  # lives (read by attribute: the state's module builds on this one).
-  on_host = lambda s: getattr(getattr(s, "layout", None), "anchor_on_host", False)
-  to_host = lambda s: s._replace(anchor=jax.tree.map(
-      lambda x: x.with_memory_kind("pinned_host"), s.anchor)) if on_host(s) else s
-  return jax.tree.map(to_host, out, is_leaf=on_host)

@@ -1,38 +1,53 @@
-"""Reading and editing the SPD part of an optimizer state, wherever it sits
-(inside `optax.chain`, `optax.MultiSteps`, `optax.inject_hyperparams`, or a
-`flax.nnx.Optimizer`)."""
+"""Reading, editing and placing the SPD part of an optimizer state, wherever
+it sits (inside `optax.chain`, `optax.MultiSteps`, `optax.inject_hyperparams`,
+a `flax.nnx.Optimizer`, or `nnx.state` of one)."""
+
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spd_optax import options
 from spd_optax import sharding
-from spd_optax import trees
 from spd_optax.transform import SPDState
 
 
 def _is_spd(x) -> bool:
-  return isinstance(x, SPDState)
+  # `nnx.state(optimizer)` holds an SPDState as a mapping of its fields.
+  return isinstance(x, SPDState) or (
+      isinstance(x, Mapping) and set(SPDState._fields) - {"anchor"} <= set(x.keys()))
 
 
 def spd_states_with_paths(state) -> list[tuple[str, SPDState]]:
-  """Every SPDState inside `state`, with its path (`jax.tree_util.keystr`)."""
+  """Every SPD state inside `state`, with its path (`jax.tree_util.keystr`).
+  One held as a mapping (in `nnx.state(optimizer)`) comes back as an
+  `SPDState` of its values."""
   flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_spd)[0]
-  return [(jax.tree_util.keystr(p), s) for p, s in flat if _is_spd(s)]
+  as_state = lambda s: s if isinstance(s, SPDState) else SPDState(
+      *(jax.tree.map(options.unwrap, s.get(f), is_leaf=options.is_variable)
+        for f in SPDState._fields))
+  return [(jax.tree_util.keystr(p), as_state(s)) for p, s in flat if _is_spd(s)]
+
+
+def _find(state) -> list[SPDState]:
+  found = [s for _, s in spd_states_with_paths(state)]
+  if not found:
+    raise ValueError("this optimizer state holds no SPDState: was it made by "
+                     "spd_optax.selective_projection_decay or adam_spd?")
+  return found
 
 
 def spd_state(state) -> SPDState:
   """The one `SPDState` inside an optimizer state, wherever it sits.
 
-  For reading its per-layer values by name, which
-  `optax.tree_utils.tree_get` cannot (they are properties over one packed
-  array): ``spd_optax.spd_state(opt_state).ratio`` is a tree like params,
-  per leaf the applied ratio of each layer at the last step.
-
   Example:
     ```python
     optimizer = nnx.Optimizer(model, spd_optax.adam_spd(1e-4), wrt=nnx.Param)
     ...
-    spd_optax.spd_state(optimizer.opt_state).condition
+    spd_optax.spd_state(optimizer.opt_state).ratio   # a tree like params
     ```
 
   Raises:
@@ -48,14 +63,6 @@ def spd_state(state) -> SPDState:
   return found[0]
 
 
-def _find(state) -> list[SPDState]:
-  found = [s for _, s in spd_states_with_paths(state)]
-  if not found:
-    raise ValueError("this optimizer state holds no SPDState: was it made by "
-                     "spd_optax.selective_projection_decay or adam_spd?")
-  return found
-
-
 def spd_stats(state) -> dict[str, jax.Array]:
   """A few scalars worth logging every few steps, from the last step's SPD.
 
@@ -63,41 +70,46 @@ def spd_stats(state) -> dict[str, jax.Array]:
   of a leaf stacking layers (a leaf of L stacked blocks counts as L units,
   as if they were separate leaves). Returns a dict of float32 scalars
   (jit-friendly, no host transfer):
-    - ``decayed_fraction``: share of units SPD pulled back at the last step
-      (applied ratio r_t > 0). Zero for a long time means SPD is not acting:
-      λ may be too small to matter or the run is still early.
-    - ``mean_ratio``: mean over units of the applied ratio r_t, which is 0
-      wherever no decay was applied (c_t >= 0, nothing moved away, or λ = 0).
-      With ``norm="rows_l1"`` each unit's ratio is the mean of its rows'
-      applied ratios, and ``decayed_fraction`` counts units with any row
-      pulled back.
-    - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
-      the zero anchor this is the norm of the adapters.
+
+  - ``decayed_fraction``: share of units SPD pulled back at the last step
+    (applied ratio r_t > 0). Zero for a long time means SPD is not acting:
+    λ may be too small to matter or the run is still early.
+  - ``mean_ratio``: mean over units of the applied ratio r_t (0 wherever no
+    decay was applied).
+  - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
+    the zero anchor, the norm of the adapters.
+
+  For an ensemble (states stacked along a leading axis), call it inside
+  `jax.vmap`, which gives each member's.
 
   Example:
     ```python
     updates, state = tx.update(grads, state, params)
     print({k: float(v) for k, v in spd_optax.spd_stats(state).items()})
     ```
+
+  Raises:
+    ValueError: if `state` holds no SPD state, or one with a leading axis
+      (an ensemble outside `jax.vmap`).
   """
-  # Sums per state, then one division: no concatenation, which on an
-  # Explicit mesh would need every part on one sharding.
   decayed = ratio_sum = squares = units = 0
   for s in _find(state):
-    per_layer = trees.unwrap(s.per_layer).astype(jnp.float32)
-    ratios, deviations = per_layer[1], per_layer[2]
-    decayed = decayed + jnp.sum(ratios > 0, dtype=jnp.float32)
-    ratio_sum = ratio_sum + jnp.sum(ratios)
-    squares = squares + jnp.sum(jnp.square(deviations))
-    units += s.layout.units
+    if jnp.ndim(s.count):
+      raise ValueError(
+          f"this SPD state has a leading axis of {jnp.shape(s.count)} (its count is "
+          "not a scalar): an ensemble of states. Call spd_stats inside jax.vmap "
+          "over that axis, e.g. jax.vmap(spd_optax.spd_stats)(state).")
+    for ratio, deviation in zip(jax.tree.leaves(s.ratio), jax.tree.leaves(s.deviation)):
+      ratio = jnp.asarray(ratio, jnp.float32)
+      decayed = decayed + jnp.sum(ratio > 0, dtype=jnp.float32)
+      ratio_sum = ratio_sum + jnp.sum(ratio)
+      squares = squares + jnp.sum(jnp.square(jnp.asarray(deviation, jnp.float32)))
+      units += ratio.size
+  zero = jnp.zeros((), jnp.float32)
   if not units:
-    zero = jnp.zeros((), jnp.float32)
     return {"decayed_fraction": zero, "mean_ratio": zero, "deviation": zero}
-  return {
-      "decayed_fraction": decayed / units,
-      "mean_ratio": ratio_sum / units,
-      "deviation": jnp.sqrt(squares),
-  }
+  return {"decayed_fraction": decayed / units, "mean_ratio": ratio_sum / units,
+          "deviation": jnp.sqrt(squares)}
 
 
 def set_anchor(state, anchor):
@@ -105,30 +117,18 @@ def set_anchor(state, anchor):
 
   For an anchor other than the params given to ``init``: resuming from
   fine-tuned weights with the pre-trained ones as anchor, or a different
-  reference model. `anchor` is a tree like the params: a plain pytree, a
-  `flax.nnx.State` (``nnx.state(model, nnx.Param)``) or its
-  ``nnx.to_pure_dict``. Leaves are matched by their path in the tree, with
-  nnx Variables unwrapped, so the containers may differ from the state's
-  (e.g. ``Param`` against the ``OptVariable`` an `nnx.Optimizer` stores).
-
-  Every SPD part of the state that stores an anchor takes its own leaves
-  from the one `anchor` tree: under ``optax.multi_transform`` or
-  ``optax.masked`` a part stores only the leaves of its partition, and
-  leaves outside it or masked off by SPD's ``mask`` (``optax.MaskedNode`` in
-  its anchor) store nothing. Parts made with ``anchor="zeros"`` store no
-  anchor and are skipped.
-
-  Each leaf is copied and cast to the stored anchor's dtype and placed like
-  it (same sharding and memory kind); the state keeps its own structure and
-  wrappers. The arrays stay arguments of whatever step function takes the
-  state, never constants compiled into it.
+  reference model. `anchor` is a tree like the params (a plain pytree, an
+  `nnx.State` or its ``nnx.to_pure_dict``), matched by key path. Every SPD
+  part of the state that stores an anchor takes its own leaves from it;
+  leaves masked off store nothing, and parts made with ``anchor="zeros"``
+  are skipped. Each leaf is copied, cast to the stored anchor's dtype and
+  placed like it (sharding and memory kind): arguments of a step, never
+  constants compiled into it.
 
   Example:
     ```python
-    state = tx.init(finetuned_params)
-    state = spd_optax.set_anchor(state, pretrained_params)
-    # with flax.nnx:
-    opt.opt_state = spd_optax.set_anchor(opt.opt_state,
+    state = spd_optax.set_anchor(tx.init(finetuned_params), pretrained_params)
+    opt.opt_state = spd_optax.set_anchor(opt.opt_state,        # flax.nnx
                                          nnx.state(pretrained, nnx.Param))
     ```
 
@@ -137,45 +137,88 @@ def set_anchor(state, anchor):
       lacks a leaf one stores, has leaves the params do not, or has a leaf
       of another shape (naming the leaves).
   """
-  parts = [s for s in _find(state) if s.anchor is not None]
+  parts = [s for s in jax.tree.leaves(state, is_leaf=_is_spd)
+           if isinstance(s, SPDState) and s.anchor is not None]
   if not parts:
     raise ValueError("no SPD part of this state stores an anchor: with "
-                     "anchor='zeros' there is none to set; create it with "
-                     "anchor='params' to set one.")
-  given = _by_path(anchor)
+                     "anchor='zeros' there is none to set (create it with "
+                     "anchor='params'); with nnx, pass optimizer.opt_state.")
+  given = dict(options.with_paths(anchor))
   known, masked, missing, wrong = set(), set(), [], []
   for s in parts:
-    for key, old in _by_path(s.anchor, keep_masked=True).items():
-      known.add(key)
-      if trees.is_masked(old):
-        masked.add(key)  # a leaf, or a whole subtree under a prefix mask
-        continue
-      if key not in given:
-        missing.append(trees.name(key))
-      elif jnp.shape(given[key]) != old.shape:
-        wrong.append(f"{trees.name(key)} of shape {jnp.shape(given[key])} does not "
-                     f"match the stored anchor's {old.shape}")
-  extra = [trees.name(k) for k in given if k not in known
+    for k, old in options.with_paths(s.anchor, options.is_masked):
+      known.add(k)
+      old = options.unwrap(old)
+      if options.is_masked(old):
+        masked.add(k)  # a leaf, or a whole subtree under a prefix mask
+      elif k not in given:
+        missing.append(options.name(k))
+      elif jnp.shape(options.unwrap(given[k])) != old.shape:
+        wrong.append(f"{options.name(k)} of shape {jnp.shape(options.unwrap(given[k]))} "
+                     f"does not match the stored anchor's {old.shape}")
+  extra = [options.name(k) for k in given if k not in known
            and not any(k[:len(m)] == m for m in masked)]
   if missing or extra:
-    raise ValueError(
-        "the anchor must have the structure of the params the state was made "
-        f"for: missing {missing or 'none'}, extra {extra or 'none'}.")
+    raise ValueError("the anchor must have the structure of the params the state "
+                     f"was made for: missing {missing or 'none'}, extra {extra or 'none'}.")
   if wrong:
     raise ValueError(f"anchor leaf {'; '.join(wrong)}.")
 
+  def copy(path, old):
+    if options.is_masked(old):
+      return old
+    new = sharding.fresh_copy(options.unwrap(given[options.key(path)]), old.dtype)
+    return sharding.place_like(new, old)
+
   def replace(s):
-    if not _is_spd(s) or s.anchor is None:
+    if not isinstance(s, SPDState) or s.anchor is None:
       return s  # Variables outside SPD parts stay the same objects
-    flat, treedef = jax.tree_util.tree_flatten_with_path(s.anchor, is_leaf=trees.is_masked)
-    copy = lambda p, o: sharding.place_like(sharding.fresh_copy(given[trees.key(p)], o.dtype), o)
-    leaves = [o if trees.is_masked(o) else copy(p, o) for p, o in flat]
-    return s._replace(anchor=treedef.unflatten(leaves))
+    return s._replace(anchor=jax.tree_util.tree_map_with_path(
+        copy, s.anchor, is_leaf=options.is_masked))
 
-  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or trees.is_variable(x))
+  return jax.tree.map(replace, state, is_leaf=lambda x: _is_spd(x) or options.is_variable(x))
 
 
-def _by_path(tree, keep_masked=False) -> dict:
-  flat = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=trees.is_masked if keep_masked else None)[0]
-  return {trees.key(p): x for p, x in flat}
+def state_shardings(tx: optax.GradientTransformation, params: Any) -> Any:
+  """Shardings for ``tx.init(params)``, on Explicit and Auto meshes alike.
+
+  Every state array shaped like a param at the same key path (the anchor,
+  Adam's moments, any inner optimizer's params-shaped buffers) gets that
+  param's sharding, in the memory ``init`` puts it in (``pinned_host`` for
+  an anchor made with ``anchor_on_host=True``, where
+  `optax.tree_map_params` would put it in device memory); everything else
+  (counts, per-layer values) is replicated. Nothing is computed: `params`
+  may be `jax.ShapeDtypeStruct`s with ``sharding=``. Inside
+  `jax.shard_map`, their ``.spec`` are the state's specs.
+
+  Example:
+    ```python
+    ssh = spd_optax.state_shardings(tx, params)
+    state = jax.jit(tx.init, out_shardings=ssh)(params)
+    step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(psh, ssh))
+    ```
+
+  Raises:
+    ValueError: if no param carries a `NamedSharding` (there is no mesh to
+      lay the state out on).
+  """
+  by_key = [(k, p.sharding, tuple(p.shape)) for k, p in options.with_paths(params)
+            if isinstance(getattr(p, "sharding", None), NamedSharding)]
+  if not by_key:
+    raise ValueError("no param carries a NamedSharding: place the params on a "
+                     "mesh (jax.device_put(params, shardings)) or pass "
+                     "jax.ShapeDtypeStruct(..., sharding=...) for them.")
+  everywhere = NamedSharding(by_key[0][1].mesh, P())
+  by_key.sort(key=lambda e: -len(e[0]))   # the longest matching key wins
+  jaxpr, shapes = jax.make_jaxpr(tx.init, return_shape=True)(params)
+  on_host = iter(getattr(a, "memory_space", None) == jax.memory.Space.Host
+                 for a in jaxpr.out_avals)
+
+  def pick(path, leaf):
+    where, host = options.key(path), next(on_host)
+    for k, s, shape in by_key:
+      if where[len(where) - len(k):] == k and tuple(leaf.shape) == shape:
+        return s.with_memory_kind("pinned_host" if host else "device")
+    return everywhere
+
+  return jax.tree_util.tree_map_with_path(pick, shapes)
