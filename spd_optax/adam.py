@@ -47,20 +47,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}
   $$
 
-  The state is `optax.ScaleByAdamState`, so tools that read ``mu``/``nu``
-  keep working. With it, `adam_spd` follows the authors' PyTorch AdamSPD to
-  within 1e-6 relative over whole float32 trajectories; with optax's own
-  (float32 ``1 - b2**t``) the early-step error is about 1e-5 and compounds.
-
-  ``mu`` and ``nu`` keep the dtypes ``init`` gives them (``mu_dtype``, else
-  the params'), whatever the gradients' dtype, so the state can be a
-  `jax.lax.scan` carry; the update is formed before they are rounded.
-
-  Example:
-    ```python
-    tx = optax.chain(spd_optax.adam.scale_by_adam(),
-                     optax.scale_by_learning_rate(1e-3))
-    ```
+  The state is `optax.ScaleByAdamState`. With it, `adam_spd` follows the
+  authors' PyTorch AdamSPD to within 1e-6 relative over whole float32
+  trajectories; with optax's own (float32 ``1 - b2**t``) the early-step
+  error is about 1e-5 and compounds. ``mu`` and ``nu`` keep the dtypes
+  ``init`` gives them, whatever the gradients' dtype (a `jax.lax.scan`
+  carry); the update is formed before they are rounded.
   """
 
   def init_fn(params):
@@ -84,9 +76,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     # The moments keep the dtypes init gave them (mu_dtype or the params'):
     # grads of another dtype (f32 grads, bf16 params) promote them, which
     # changes a lax.scan carry's type and retraces a jitted step.
-    mu = otu.tree_cast_like(mu, state.mu)
-    nu = otu.tree_cast_like(nu, state.nu)
-    return new_updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+    return new_updates, optax.ScaleByAdamState(
+        count, otu.tree_cast_like(mu, state.mu), otu.tree_cast_like(nu, state.nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -143,17 +134,11 @@ def adam_spd(
     b1: decay rate of Adam's first moment.
     b2: decay rate of Adam's second moment.
     eps: term added to Adam's denominator.
-    weight_decay: SPD's strength λ >= 0, not scaled by the learning rate.
-    anchor: ``"params"`` or ``"zeros"``.
-    mask: the leaves SPD acts on.
-    layer_axes: the axes of stacked leaves that index layers.
-    anchor_dtype: the anchor's storage dtype.
-    anchor_on_host: keep the anchor in host memory.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`; static
       under `optax.inject_hyperparams`).
-    axis_name: inside `jax.shard_map`, the manual axes params are split over.
-    param_specs: inside `jax.shard_map`, the params' PartitionSpecs there.
-    norm: ``"frobenius"`` or ``"rows_l1"``.
+    weight_decay, anchor, mask, layer_axes, anchor_dtype, anchor_on_host,
+      axis_name, param_specs, norm: SPD's, as in `selective_projection_decay`
+      (λ >= 0 is not scaled by the learning rate).
 
   Returns:
     A `GradientTransformationExtraArgs` whose state is an `SPDState` with

@@ -41,19 +41,12 @@ def _find(state) -> list[SPDState]:
 
 
 def spd_state(state) -> SPDState:
-  """The one `SPDState` inside an optimizer state, wherever it sits.
-
-  Example:
-    ```python
-    optimizer = nnx.Optimizer(model, spd_optax.adam_spd(1e-4), wrt=nnx.Param)
-    ...
-    spd_optax.spd_state(optimizer.opt_state).ratio   # a tree like params
-    ```
+  """The one `SPDState` inside an optimizer state, wherever it sits, e.g.
+  ``spd_optax.spd_state(optimizer.opt_state).ratio``.
 
   Raises:
     ValueError: if `state` holds no SPDState, or several (e.g. one per
-      `optax.multi_transform` group): their paths are named, and
-      `spd_optax.state.spd_states_with_paths` lists them all.
+      `optax.multi_transform` group), naming their paths.
   """
   found = _find(state)
   if len(found) > 1:
@@ -115,15 +108,13 @@ def spd_stats(state) -> dict[str, jax.Array]:
 def set_anchor(state, anchor):
   """Returns `state` with its stored SPD anchors replaced from `anchor`.
 
-  For an anchor other than the params given to ``init``: resuming from
-  fine-tuned weights with the pre-trained ones as anchor, or a different
-  reference model. `anchor` is a tree like the params (a plain pytree, an
+  For an anchor other than the params given to ``init`` (resuming from
+  fine-tuned weights with the pre-trained ones as anchor, another reference
+  model). `anchor` is a tree like the params (a plain pytree, an
   `nnx.State` or its ``nnx.to_pure_dict``), matched by key path. Every SPD
-  part of the state that stores an anchor takes its own leaves from it;
-  leaves masked off store nothing, and parts made with ``anchor="zeros"``
-  are skipped. Each leaf is copied, cast to the stored anchor's dtype and
-  placed like it (sharding and memory kind): arguments of a step, never
-  constants compiled into it.
+  part that stores an anchor takes its leaves from it (masked-off leaves
+  and ``anchor="zeros"`` parts store none), each copied, cast and placed
+  like the stored one: arguments of a step, never compiled-in constants.
 
   Example:
     ```python
@@ -133,42 +124,37 @@ def set_anchor(state, anchor):
     ```
 
   Raises:
-    ValueError: if no SPD part of the state stores an anchor, or `anchor`
-      lacks a leaf one stores, has leaves the params do not, or has a leaf
-      of another shape (naming the leaves).
+    ValueError: if no SPD part stores an anchor, or `anchor` lacks a leaf
+      one stores, has leaves the params do not, or a leaf of another shape.
   """
+  _find(state)
   parts = [s for s in jax.tree.leaves(state, is_leaf=_is_spd)
            if isinstance(s, SPDState) and s.anchor is not None]
   if not parts:
     raise ValueError("no SPD part of this state stores an anchor: with "
                      "anchor='zeros' there is none to set (create it with "
                      "anchor='params'); with nnx, pass optimizer.opt_state.")
-  given = dict(options.with_paths(anchor))
-  known, masked, missing, wrong = set(), set(), [], []
-  for s in parts:
-    for k, old in options.with_paths(s.anchor, options.is_masked):
-      known.add(k)
-      old = options.unwrap(old)
-      if options.is_masked(old):
-        masked.add(k)  # a leaf, or a whole subtree under a prefix mask
-      elif k not in given:
-        missing.append(options.name(k))
-      elif jnp.shape(options.unwrap(given[k])) != old.shape:
-        wrong.append(f"{options.name(k)} of shape {jnp.shape(options.unwrap(given[k]))} "
-                     f"does not match the stored anchor's {old.shape}")
-  extra = [options.name(k) for k in given if k not in known
-           and not any(k[:len(m)] == m for m in masked)]
+  given = {k: options.unwrap(x) for k, x in options.with_paths(anchor)}
+  stored = [(k, options.unwrap(x)) for s in parts
+            for k, x in options.with_paths(s.anchor, options.is_masked)]
+  masked = [k for k, x in stored if options.is_masked(x)]
+  missing = [options.name(k) for k, x in stored if not options.is_masked(x) and k not in given]
+  known = {k for k, _ in stored}
+  extra = [options.name(k) for k in given
+           if k not in known and not any(k[:len(m)] == m for m in masked)]
   if missing or extra:
     raise ValueError("the anchor must have the structure of the params the state "
                      f"was made for: missing {missing or 'none'}, extra {extra or 'none'}.")
+  wrong = [f"{options.name(k)} of shape {jnp.shape(given[k])} does not match the stored "
+           f"anchor's {x.shape}" for k, x in stored
+           if not options.is_masked(x) and jnp.shape(given[k]) != x.shape]
   if wrong:
     raise ValueError(f"anchor leaf {'; '.join(wrong)}.")
 
   def copy(path, old):
     if options.is_masked(old):
       return old
-    new = sharding.fresh_copy(options.unwrap(given[options.key(path)]), old.dtype)
-    return sharding.place_like(new, old)
+    return sharding.place_like(sharding.fresh_copy(given[options.key(path)], old.dtype), old)
 
   def replace(s):
     if not isinstance(s, SPDState) or s.anchor is None:

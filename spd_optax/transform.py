@@ -218,7 +218,10 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
   out = treedef.flatten_up_to(proposed)
   anchors_l = ([None] * len(params_l) if state.anchor is None
                else treedef.flatten_up_to(state.anchor))
-  held = [jax.tree.leaves(v, is_leaf=options_lib.is_masked) for v in state[3:]]
+  # Variables as leaves, as at init; places an outer optax.masked left out
+  # are empty here as in the params.
+  per_leaf = jax.tree.structure(params, is_leaf=options_lib.is_variable)
+  held = [per_leaf.flatten_up_to(v) for v in state[3:]]
   leaves = options_lib.at_update(opts, params, held[0],
                                  list(zip(grads_l, params_l, anchors_l, out)))
   new, previous = [list(h) for h in held], None
@@ -237,7 +240,5 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
     for k, value in enumerate((condition, ratio, deviation)):
       new[k][i] = sharding.like(value, held[k][i])
     previous = i
-  values = [jax.tree.structure(v, is_leaf=options_lib.is_masked).unflatten(n)
-            for v, n in zip(state[3:], new)]
-  return treedef.unflatten(out), SPDState(
-      optax.safe_increment(state.count), inner_state, state.anchor, *values)
+  return treedef.unflatten(out), SPDState(optax.safe_increment(state.count), inner_state,
+                                         state.anchor, *map(per_leaf.unflatten, new))
