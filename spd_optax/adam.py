@@ -118,8 +118,9 @@ def adam_spd(
   $u_t = -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)$ (from
   `spd_optax.adam.scale_by_adam`, whose bias corrections match the
   reference's double precision), and SPD then acts per leaf as in
-  `selective_projection_decay`, which says what each SPD argument does.
-  There is no other weight decay.
+  `selective_projection_decay`, which documents the other arguments (λ,
+  ``weight_decay``, is not scaled by the learning rate). There is no other
+  weight decay.
 
   Example:
     ```python
@@ -136,9 +137,6 @@ def adam_spd(
     eps: term added to Adam's denominator.
     mu_dtype: dtype of Adam's first moment (as in `optax.adam`; static
       under `optax.inject_hyperparams`).
-    weight_decay, anchor, mask, layer_axes, anchor_dtype, anchor_on_host,
-      axis_name, param_specs, norm: SPD's, as in `selective_projection_decay`
-      (λ >= 0 is not scaled by the learning rate).
 
   Returns:
     A `GradientTransformationExtraArgs` whose state is an `SPDState` with

@@ -42,12 +42,10 @@ def layer_axes_from_names(tree: Any, name: str = "layers") -> Any:
 
   `flax.nnx.scan` with ``transform_metadata={nnx.PARTITION_NAME: name}`` and
   `flax.linen.scan` with ``metadata_params={nn.PARTITION_NAME: name}`` insert
-  `name` into the sharding names of every param they stack (when the params
-  were made with `nnx.with_partitioning` / `nn.with_partitioning`). The
-  positions of `name` in a param's names are its layer axes; params without
-  it get None (one layer). The scan stacks every param of the blocks, but
-  only those made with names carry the layer axis: give the blocks' biases
-  and norms names too, or pass a prefix such as ``{"blocks": 0}`` instead.
+  `name` into the sharding names of every param they stack that was made
+  with names (`with_partitioning`). The positions of `name` are the layer
+  axes; params without it get None (one layer), with a warning where their
+  first axis has the stacked length (a bias made without names).
 
   Example:
     ```python
@@ -123,17 +121,12 @@ def depth_scaled(
   \lambda_{\max}\,(1 - l / N)$ for a leaf of block $l = 0, \dots, L - 1$.
 
   Early blocks are held closest to the pre-trained weights, late ones adapt
-  most freely. This is the module-wise schedule of the authors' later code
-  (MAPS, Huang et al. 2025), not part of the NeurIPS paper (one λ for all).
-  With the default $N = L$ the last block keeps $\lambda_{\max}/L$; MAPS'
-  form $\lambda_{\max}(1 - l/(L-1))$, which reaches 0 at the last block, is
-  ``num_blocks=L - 1``.
-
-  Stacked and unstacked forms of a model get the same strengths: a leaf
-  stacking layers (per `layer_axes`, as given to the optimizer) gets an
-  array of its per-layer shape, whose layer $j$ (flattened over the layer
-  axes) is block ``index + j``, with ``index`` what `block_index` gives the
-  leaf (0 for a stack of all the blocks).
+  most freely: the module-wise schedule of the authors' later code (MAPS,
+  Huang et al. 2025), not the NeurIPS paper's (one λ for all). With the
+  default $N = L$ the last block keeps $\lambda_{\max}/L$; MAPS' form, 0 at
+  the last block, is ``num_blocks=L - 1``. A leaf stacking layers (per
+  `layer_axes`) gets an array of its per-layer shape whose layer $j$ is
+  block ``index + j``, so stacked and unstacked models get the same λ.
 
   Example:
     ```python
@@ -146,30 +139,24 @@ def depth_scaled(
   Args:
     params: the params (a plain pytree, an `nnx.State`, ...).
     max_weight_decay: $\lambda_{\max} \ge 0$, the strength of block 0.
-    block_index: where a leaf's block index comes from. A string names the
-      container of the blocks: the key after it is the index (a list or
-      `nnx.List` index, or a dict key like ``"3"``), or a key ``name_3``
-      (linen's ``blocks_3``); a leaf under it with no index is a stack of
-      all the blocks (index 0; it needs `layer_axes`). Or a callable of a
-      leaf's key path (a tuple of dict keys, attribute names and indices,
-      e.g. ``("blocks", 3, "linear", "kernel")``) returning the index of the
-      leaf's (first) block, or None for a leaf outside the blocks.
-    layer_axes: the optimizer's `layer_axes` (a tree or prefix, or a callable
-      of params), for stacked leaves.
-    num_blocks: $N$; default the number of blocks found,
-      1 + the largest block index.
-    other: λ for leaves outside the blocks (embeddings, a head, a final
-      norm). None (the default) refuses them, naming them: choose their
-      strength, or leave them out of SPD with its ``mask``.
+    block_index: a string names the container of the blocks: the key after
+      it is the index (a list index, or a dict key like ``"3"``), or a key
+      ``name_3`` (linen's ``blocks_3``); a leaf under it with no index is a
+      stack of all the blocks (it needs `layer_axes`). Or a callable of a
+      leaf's key path (e.g. ``("blocks", 3, "linear", "kernel")``) returning
+      the index of its (first) block, or None outside the blocks.
+    layer_axes: the optimizer's `layer_axes`, for stacked leaves.
+    num_blocks: $N$; default 1 + the largest block index found.
+    other: λ for leaves outside the blocks (embeddings, a head). None (the
+      default) refuses them, naming them.
 
   Returns:
-    A tree like params, with a float per leaf, or an array of its per-layer
-    shape for a stacked leaf; pass it as ``weight_decay``.
+    A tree like params (a float, or a per-layer array, per leaf): pass it as
+    ``weight_decay``.
 
   Raises:
-    ValueError: a leaf outside the blocks with ``other=None``, a leaf under
-      the named container with no index and no layer axes, a negative or
-      NaN strength, or a block index at or past `num_blocks` (λ < 0).
+    ValueError: a leaf outside the blocks with ``other=None``, a stacked
+      leaf without layer axes, or a negative strength.
   """
   if not (isinstance(max_weight_decay, (int, float, np.floating, np.integer))
           and max_weight_decay >= 0):

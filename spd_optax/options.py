@@ -1,12 +1,9 @@
 """The options of `selective_projection_decay`: checked when the optimizer is
 built, then resolved against the params into one `Leaf` record per leaf SPD
-acts on (its layer axes, strength, and split inside `jax.shard_map`).
-
-Trees of options (``mask``, ``layer_axes``, ``weight_decay``,
-``param_specs``) are matched to the params by key path, not container
-type, so a plain dict fits an `nnx.State`, nnx Variables or linen boxes.
-Every error names the leaf and the fix. Nothing here adds an operation to
-the compiled step but `strength`, which evaluates λ.
+acts on. Trees of options are matched to the params by key path, not
+container type, so a plain dict fits an `nnx.State`, nnx Variables or linen
+boxes. Every error names the leaf and the fix. Nothing here adds an
+operation to the compiled step but `strength`, which evaluates λ.
 """
 
 import sys
@@ -23,10 +20,6 @@ NORMS = ("frobenius", "rows_l1")
 STATIC_HINT = ("Under optax.inject_hyperparams, pass static_args=('{}',): it turns "
                "numbers into arrays and calls callables as schedules.")
 
-# --------------------------------------------------------------------------
-# Trees
-
-
 def is_variable(x) -> bool:
   # flax.nnx Variables carry their param's metadata (e.g. its sharding); the
   # per-layer values must not inherit it, so trees are read with Variables
@@ -36,16 +29,14 @@ def is_variable(x) -> bool:
 
 
 def is_masked(x) -> bool:
-  """A place with no leaf: `optax.masked` hands its inner transformation
-  `optax.MaskedNode` there, and SPD stores it where it leaves a leaf alone."""
+  """`optax.MaskedNode`: a place with no leaf (SPD stores it where it leaves
+  a leaf alone, `optax.masked` passes it for leaves outside its mask)."""
   return isinstance(x, optax.MaskedNode)
 
 
 def unwrap(x):
-  """The array an nnx Variable holds."""
-  if not is_variable(x):
-    return x
-  return x.get_value() if hasattr(x, "get_value") else x.value
+  """The array an nnx Variable holds; anything else as it is."""
+  return (x.get_value() if hasattr(x, "get_value") else x.value) if is_variable(x) else x
 
 
 def is_function(x) -> bool:
@@ -55,9 +46,8 @@ def is_function(x) -> bool:
 
 
 def key(path) -> tuple:
-  """A leaf's place in a tree, whatever holds it: a dict entry, a dataclass
-  field, a list index and an nnx.State entry with the same key are one
-  place; the ``.value`` of an nnx Variable or a linen box is not part of it."""
+  """A leaf's place in a tree, whatever holds it (a dict entry, a dataclass
+  field, a list index); the ``.value`` of a Variable or box is no part of it."""
   raw = lambda k: next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)
   return tuple(raw(k) for k in path
                if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
@@ -97,10 +87,6 @@ def broadcast_prefix(prefix, params, what: str, is_entry=None) -> list[Any]:
         f"of params returning one), matched by key: no entry for params "
         f"{missing or 'none'}; entries for no param {extra or 'none'}.")
   return out
-
-
-# --------------------------------------------------------------------------
-# Checked when the optimizer is built
 
 
 class Options(NamedTuple):
@@ -192,10 +178,6 @@ def _check_layer_axes(layer_axes) -> None:
                     f"({layer_axes!r}). " + STATIC_HINT.format("layer_axes"))
 
 
-# --------------------------------------------------------------------------
-# Resolved against the params
-
-
 def is_axes_entry(x) -> bool:
   """An entry of a `layer_axes` tree: None, an int, or a tuple of ints."""
   is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -267,25 +249,6 @@ def _specs(param_specs, params) -> list:
   return specs
 
 
-def at_init(opts: Options, params) -> list[Leaf | None]:
-  """Per leaf of params, its record, or None where SPD leaves it alone; or
-  the error naming the leaf whose mask, layer axes, strength, dtype or
-  split does not fit."""
-  flat = with_paths(params)
-  flags = _mask(opts.mask, params)
-  for (k, p), on in zip(flat, flags):
-    if on and not jnp.issubdtype(jnp.result_type(unwrap(p)), jnp.floating):
-      raise TypeError(f"SPD can only decay floating-point leaves, but params{name(k)} "
-                      f"has dtype {jnp.result_type(unwrap(p))}; exclude it with mask=...")
-  records = _records(opts, params, flags)
-  for leaf in filter(None, records):
-    if opts.per_leaf:
-      _check_strength(leaf)
-    p = unwrap(flat[leaf.index][1])
-    _split(opts, leaf, p, (p,), _specs(opts.param_specs, params)[leaf.index])
-  return records
-
-
 def check_structure(params, grads, held):
   """(the params' treedef, their leaves, the gradients' leaves), if both
   trees have the leaves of `held` (the state's per-layer tree made at
@@ -314,25 +277,42 @@ def check_structure(params, grads, held):
   return treedef, treedef.flatten_up_to(params), grads_l
 
 
-def at_update(opts: Options, params, held_l, arrays) -> list[Leaf]:
-  """The records of the leaves the state holds per-layer values for
-  (`held_l`, per leaf an array or `optax.MaskedNode`), checked against
-  them, with their split inside `jax.shard_map` read off `arrays` (per
-  leaf its gradient, params, anchor and update)."""
-  records = _records(opts, params, [not is_masked(h) for h in held_l])
-  specs = _specs(opts.param_specs, params)
+def resolve(opts: Options, params, held=None, arrays=None) -> list[Leaf]:
+  """The records of the leaves SPD acts on, or the error naming the leaf
+  whose mask, layer axes, strength, dtype or split does not fit.
+
+  At ``init`` from the options alone; at ``update`` for the leaves the state
+  holds per-layer values for (`held`: per leaf an array, or
+  `optax.MaskedNode` where SPD leaves it alone), checked against them, and
+  split inside `jax.shard_map` as `arrays` are (per leaf its gradient,
+  params, anchor and update).
+  """
+  flat = with_paths(params)
+  flags = _mask(opts.mask, params) if held is None else [not is_masked(h) for h in held]
+  axes, specs = layer_axes(opts.layer_axes, params), _specs(opts.param_specs, params)
+  is_entry = lambda x: x is None or is_function(x) or isinstance(x, (jax.Array, np.ndarray))
+  entries = (broadcast_prefix(opts.weight_decay, params, "weight_decay", is_entry)
+             if opts.per_leaf else [None] * len(flat))
   out = []
-  for leaf in filter(None, records):
-    held = np.shape(held_l[leaf.index])
-    if leaf.layer_shape != held:
+  for i, ((k, p), on) in enumerate(zip(flat, flags)):
+    p = unwrap(p)
+    if not on:
+      continue
+    leaf = Leaf(i, name(k), axes[i], sharding.layer_shape(p, axes[i], specs[i]), entries[i])
+    if held is None:
+      if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
+        raise TypeError(f"SPD can only decay floating-point leaves, but params{leaf.path} "
+                        f"has dtype {jnp.result_type(p)}; exclude it with mask=...")
+      if opts.per_leaf:
+        _check_strength(leaf)
+    elif leaf.layer_shape != np.shape(held[i]):
       raise ValueError(
-          f"params{leaf.path}: layer_axes give per-layer shape {leaf.layer_shape} "
-          f"at update, but the state made at init holds {held}. A callable "
-          "layer_axes must give the same axes for the params at init and at "
-          "update (nnx.Optimizer passes plain arrays at update, without "
-          "metadata): compute the tree once and pass it.")
-    g, p, a, u = arrays[leaf.index]
-    over, split = _split(opts, leaf, p, (g, p, a, u), specs[leaf.index])
+          f"params{leaf.path}: layer_axes give per-layer shape {leaf.layer_shape} at "
+          f"update, but the state made at init holds {np.shape(held[i])}. A callable "
+          "layer_axes must give the same axes for the params at init and at update "
+          "(nnx.Optimizer passes plain arrays at update, without metadata): compute "
+          "the tree once and pass it.")
+    over, split = _split(opts, leaf, p, (p,) if arrays is None else arrays[i], specs[i])
     out.append(leaf._replace(psum_axes=over, layer_split=split))
   return out
 
@@ -342,17 +322,6 @@ def strength(opts: Options, leaf: Leaf, count):
   as 0 (a traced value cannot raise), NaN kept (it shows)."""
   lam = leaf.strength if opts.per_leaf else opts.weight_decay
   return jnp.maximum(jnp.asarray(lam(count) if callable(lam) else lam), 0)
-
-
-def _records(opts, params, flags) -> list[Leaf | None]:
-  flat = with_paths(params)
-  axes = layer_axes(opts.layer_axes, params)
-  specs = _specs(opts.param_specs, params)
-  is_entry = lambda x: x is None or is_function(x) or isinstance(x, (jax.Array, np.ndarray))
-  entries = (broadcast_prefix(opts.weight_decay, params, "weight_decay", is_entry)
-             if opts.per_leaf else [None] * len(flat))
-  return [Leaf(i, name(k), axes[i], sharding.layer_shape(unwrap(p), axes[i], specs[i]),
-               entries[i]) if flags[i] else None for i, (k, p) in enumerate(flat)]
 
 
 def _check_strength(leaf: Leaf) -> None:

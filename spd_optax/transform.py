@@ -18,14 +18,12 @@ ANCHORS = ("params", "zeros")
 class SPDState(NamedTuple):
   """State of `selective_projection_decay`.
 
-  Every field but `count` is a tree like params, so `optax.tree_utils`,
-  flax serialization, Orbax and `jax.vmap` read it as they read
-  `optax.adam`'s state. Where SPD leaves a leaf alone (``mask``), the
-  anchor and the per-layer values hold `optax.MaskedNode()`. A per-layer
-  value is, per leaf, an array of the shape of its layer axes: a scalar for
-  a leaf that is one layer, ``[L]`` for a leaf stacking L layers along
-  ``layer_axes=0``; it is in float32 (float64 for float64 params) and
-  replicated on the params' mesh.
+  Every field but `count` is a tree like params, read by `optax.tree_utils`,
+  flax serialization, Orbax and `jax.vmap` as `optax.adam`'s state is. A
+  per-layer value is, per leaf, an array of its layer axes' shape (a scalar,
+  or ``[L]`` for L layers stacked along ``layer_axes=0``), in float32
+  (float64 for float64 params), replicated on the params' mesh. Where SPD
+  leaves a leaf alone (``mask``), the anchor and these hold `optax.MaskedNode()`.
 
   Attributes:
     count: calls of ``update``, for a ``weight_decay`` schedule. Inside
@@ -88,8 +86,7 @@ def selective_projection_decay(
   authors' later variants are on the [algorithm page](algorithm.md).
 
   Around optimizers that keep a second sequence of iterates (e.g.
-  `optax.contrib.schedule_free`, whose update moves the evaluated params
-  y), SPD decays those params; the inner sequence z is not decayed.
+  `optax.contrib.schedule_free`), SPD decays the params; z is not decayed.
 
   Under `optax.inject_hyperparams`, a callable ``mask`` or ``layer_axes``,
   ``anchor_dtype``, ``axis_name`` and ``param_specs`` must be named in its
@@ -188,12 +185,13 @@ def _init(inner, opts, anchor, anchor_dtype, on_host, params) -> SPDState:
     zero = jnp.zeros(())
     return SPDState(zero, inner.init(params), params if anchor == "params" else None,
                     zero, zero, zero)
-  records, anchors = options_lib.at_init(opts, params), None
+  records = {leaf.index: leaf for leaf in options_lib.resolve(opts, params)}
+  per_leaf = lambda f: [f(p, records[i]) if i in records else optax.MaskedNode()
+                        for i, p in enumerate(params_l)]
+  anchors = None
   if anchor == "params":
-    anchors = treedef.unflatten([
-        optax.MaskedNode() if r is None
-        else sharding.fresh_copy(p, p.dtype if anchor_dtype is None else anchor_dtype)
-        for p, r in zip(params_l, records)])
+    anchors = treedef.unflatten(per_leaf(lambda p, _: sharding.fresh_copy(
+        p, p.dtype if anchor_dtype is None else anchor_dtype)))
     if on_host:
       anchors = jax.device_put(anchors, jax.memory.Space.Host)
   zeros = lambda p, r: sharding.like_params(
@@ -201,7 +199,7 @@ def _init(inner, opts, anchor, anchor_dtype, on_host, params) -> SPDState:
   # With nnx Variables as leaves, so the per-layer values take none of a
   # param's metadata (its sharding names are not theirs).
   values = jax.tree.structure(params, is_leaf=options_lib.is_variable).unflatten(
-      [optax.MaskedNode() if r is None else zeros(p, r) for p, r in zip(params_l, records)])
+      per_leaf(zeros))
   return SPDState(sharding.like_params(jnp.zeros((), jnp.int32), params_l),
                   inner.init(params), anchors, values, values, values)
 
@@ -222,8 +220,8 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
   # are empty here as in the params.
   per_leaf = jax.tree.structure(params, is_leaf=options_lib.is_variable)
   held = [per_leaf.flatten_up_to(v) for v in state[3:]]
-  leaves = options_lib.at_update(opts, params, held[0],
-                                 list(zip(grads_l, params_l, anchors_l, out)))
+  leaves = options_lib.resolve(opts, params, held[0],
+                               list(zip(grads_l, params_l, anchors_l, out)))
   new, previous = [list(h) for h in held], None
   for leaf in leaves:
     i, a = leaf.index, anchors_l[leaf.index]
