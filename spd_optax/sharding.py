@@ -88,11 +88,12 @@ def like_params(x, params_l):
 
 
 def like(new, old):
-  """A per-layer value of a step typed as the state held it (dtype, and on
-  an Explicit mesh replicated), so a `lax.scan` carry or a jitted step's
-  signature does not change."""
+  """A per-layer value of a step typed and placed as the state held it
+  (replicated on its mesh; under jit on Auto axes, where the compiler
+  places it), so a `lax.scan` carry or a jitted step's signature does not
+  change."""
   new = new.astype(old.dtype)
-  return replicated(new, old) if explicit_mesh(old) is not None else new
+  return replicated(new, old) if mesh_of(old) is not None else new
 
 
 def place_like(new, old):

@@ -232,11 +232,11 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
     out[i], condition, ratio, deviation = projection.project(
         grads_l[i], params_l[i], a, out[i], options_lib.strength(opts, leaf, state.count),
         leaf.axes, opts.norm, leaf.psum_axes, leaf.layer_split)
-    # A layer whose gradient is not finite (a step that optax.apply_if_finite
-    # inside SPD rejects) keeps its condition: the state stores no NaN.
-    condition = jnp.where(jnp.isfinite(condition), condition, held[0][i])
     for k, value in enumerate((condition, ratio, deviation)):
       new[k][i] = sharding.like(value, held[k][i])
+    # A layer whose gradient is not finite (a step that optax.apply_if_finite
+    # inside SPD rejects) keeps its condition: the state stores no NaN.
+    new[0][i] = jnp.where(jnp.isfinite(new[0][i]), new[0][i], held[0][i])
     previous = i
   return treedef.unflatten(out), SPDState(optax.safe_increment(state.count), inner_state,
                                          state.anchor, *map(per_leaf.unflatten, new))

@@ -141,15 +141,23 @@ def test_scan_multisteps_apply_if_finite(axis_type):
         chex.assert_trees_all_equal(types(state), before)
 
 
-def test_per_layer_values_by_name_on_a_mesh():
-  mesh = mesh_of(AxisType.Explicit)
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_per_layer_values_by_name_on_a_mesh(axis_type):
+  mesh = mesh_of(axis_type)
   with jax.set_mesh(mesh):
     params = params_on(mesh)
     _, state = _run(OPTIMIZERS["per_layer"](), params, 4)
   assert state.ratio["stack_on_layers"].shape == (L,)
   assert state.condition["matrix"].shape == ()
-  assert isinstance(state.deviation["head"], optax.MaskedNode)
-  assert state.per_layer.sharding.is_fully_replicated
+  for field in ("condition", "ratio", "deviation"):
+    tree = getattr(state, field)
+    assert isinstance(tree["head"], optax.MaskedNode), field
+    for k in MASK:
+      if MASK[k]:
+        assert tree[k].dtype == jnp.float32, (field, k)
+        assert tree[k].sharding.device_set == set(mesh.devices.flat), (field, k)
+        assert tree[k].sharding.is_fully_replicated, (field, k, tree[k].sharding)
   # Unsharded, the same run gives the same per-layer values.
   host = jax.tree.map(np.asarray, params_on(mesh))
   _, want = _run(OPTIMIZERS["per_layer"](), host, 4)

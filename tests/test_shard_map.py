@@ -68,8 +68,8 @@ def sharded_run(tx, mesh, check_vma=True, keys=SHAPES):
   place = lambda tree: jax.device_put(tree, {k: NamedSharding(mesh, s)
                                              for k, s in specs.items()})
   params = place(params0(keys))
-  # The anchor and moments are split like params; counts and the packed
-  # per-layer values are the same on every device.
+  # The anchor and moments are split like params; counts and the per-layer
+  # values are the same on every device.
   state_specs = jax.tree.map(lambda s: s.spec, spd_optax.state_shardings(tx, params))
   init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(specs,),
                                out_specs=state_specs, check_vma=check_vma))
@@ -86,8 +86,23 @@ def assert_same_run(got, want, keys=SHAPES):
   for k in keys:
     np.testing.assert_allclose(np.asarray(got_params[k]), want_params[k],
                                rtol=1e-5, atol=1e-6, err_msg=k)
-  np.testing.assert_allclose(np.asarray(got_state.per_layer),
-                             np.asarray(want_state.per_layer), rtol=1e-5, atol=1e-6)
+  assert_same_per_layer(got_state, want_state)
+
+
+def assert_same_per_layer(got_state, want_state):
+  """Per leaf, the same per-layer values as the unsharded run, and the same
+  on every device (a device's own part's values would differ)."""
+  for field in ("condition", "ratio", "deviation"):
+    got, want = getattr(got_state, field), getattr(want_state, field)
+    assert jax.tree.structure(got) == jax.tree.structure(want), field
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                            jax.tree.leaves(want)):
+      where = f"{field}{jax.tree_util.keystr(path)}"
+      assert g.shape == np.shape(w) and g.dtype == jnp.float32, where
+      assert g.sharding.is_fully_replicated, where
+      for shard in g.addressable_shards:
+        np.testing.assert_allclose(np.asarray(shard.data), np.asarray(w),
+                                   rtol=1e-5, atol=1e-6, err_msg=where)
 
 
 @pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
@@ -101,9 +116,7 @@ def test_param_specs_match_unsharded(mesh, check_vma):
   condition = spd_optax.spd_state(got[1]).condition
   assert condition["layers"].shape == (8,)
   assert len(np.unique(np.asarray(condition["layers"]))) == 8
-  # SPD acted (so per-shard sums would have shown): without it, another run.
-  plain, _ = reference(spd_optax.adam_spd(1e-2, weight_decay=0.0))
-  assert all(np.abs(plain[k] - want[0][k]).max() > 1e-3 for k in SHAPES)
+  assert_spd_acted(want)
 
 
 def test_masked_leaves_with_the_state_specs_of_state_shardings(mesh):
@@ -135,22 +148,46 @@ def test_axis_name_cannot_tell_how_a_stacked_leaf_is_split(mesh):
       sharded_run(tx, mesh, keys=(key,))
 
 
-def test_check_vma_false_needs_param_specs(mesh):
+def test_axis_name_without_check_vma_is_refused(mesh):
   # Without varying-axis tracking a replicated leaf looks like a split one
-  # (its sums would be added 8 times over): refused, with the fix.
-  for kw in ({}, {"axis_name": "x"}):
-    tx = spd_optax.adam_spd(1e-2, **kw)
-    with pytest.raises(ValueError, match="check_vma=False.*param_specs="):
-      sharded_run(tx, mesh, check_vma=False, keys=("w", "r"))
+  # (its sums would be added 8 times over), so axis_name cannot be trusted:
+  # refused, with the fix.
+  tx = spd_optax.adam_spd(1e-2, axis_name="x")
+  with pytest.raises(ValueError, match="check_vma=False.*param_specs="):
+    sharded_run(tx, mesh, check_vma=False, keys=("w", "r"))
+
+
+def test_axis_name_inside_pmap_is_refused():
+  # pmap does not track varying axes either.
+  tx = spd_optax.adam_spd(1e-2, axis_name="batch")
+  params = jax.tree.map(lambda x: np.stack([x] * jax.device_count()), params0(("w",)))
+
+  def run(params):
+    return tx.update(params, tx.init(params), params)
+
+  with pytest.raises(ValueError, match="check_vma=False.*param_specs="):
+    jax.pmap(run, axis_name="batch")(params)
 
 
 def test_shard_map_refusals(mesh):
   tx = spd_optax.adam_spd(1e-2)
   with pytest.raises(ValueError, match=r"params\['b'\] varies over the manual mesh axes \['x'\].*axis_name="):
     sharded_run(tx, mesh, keys=("b",))
+  # axis_name must be manual axes, and cover every axis the leaf varies over.
   tx = spd_optax.adam_spd(1e-2, axis_name="data")
-  with pytest.raises(ValueError, match=r"axis_name \['data'\] are not manual axes"):
+  with pytest.raises(ValueError, match=(
+      r"axis_name \['data'\] are not manual axes of the enclosing jax.shard_map "
+      r"\(those are \['x'\]\)")):
     sharded_run(tx, mesh, keys=("w",))
+  grid = jax.make_mesh((2, 4), ("a", "b"), axis_types=(mesh.axis_types[0],) * 2)
+  tx = spd_optax.adam_spd(1e-2, axis_name="a")
+  params = jax.device_put(params0(("w",)), NamedSharding(grid, P("a", "b")))
+  split_twice = jax.shard_map(lambda p: tx.update(p, tx.init(p), p)[0], mesh=grid,
+                              in_specs=P("a", "b"), out_specs=P("a", "b"))
+  with pytest.raises(ValueError, match=(
+      r"params\['w'\] varies over the manual mesh axes \['b'\], which "
+      r"axis_name=\('a',\) does not name")):
+    jax.jit(split_twice)(params)
   # A spec that does not say how the leaf is split.
   tx = spd_optax.adam_spd(1e-2, param_specs={"w": P(), "r": P()})
   with pytest.raises(ValueError, match=r"params\['w'\] varies over .*\['x'\].*param_specs entry"):
@@ -164,20 +201,53 @@ def test_shard_map_refusals(mesh):
     tx.init(params0(("w",)))
 
 
-def test_replicated_params_in_shard_map_need_no_axis_name(mesh):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
+def test_replicated_params_in_shard_map_need_no_axis_name(mesh, check_vma):
   # Pure data parallelism: every device holds whole leaves (grads already
-  # averaged), so nothing varies and nothing needs summing.
-  tx = spd_optax.adam_spd(1e-2, layer_axes=LAYER_AXES)
-  want_params, _ = reference(tx)
+  # averaged), so nothing needs summing. Without varying-axis tracking SPD
+  # cannot see that nothing varies, and takes each device's leaf as whole.
+  tx = spd_optax.adam_spd(1e-2, weight_decay=STRENGTHS, layer_axes=LAYER_AXES)
+  want = reference(tx)
+  assert_spd_acted(want)
 
   def run(params):
     state = tx.init(params)
     for t in range(STEPS):
       updates, state = tx.update(jax.tree.map(jnp.asarray, grads(t)), state, params)
       params = optax.apply_updates(params, updates)
-    return params
+    return params, state
 
   params = jax.device_put(params0(), NamedSharding(mesh, P()))
-  got = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(), out_specs=P()))(params)
+  got = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P(), out_specs=P(),
+                              check_vma=check_vma))(params)
+  assert_same_run(got, want)
+
+
+def test_replicated_params_in_pmap_need_no_axis_name():
+  # pmap's data parallelism: each device gets its own copy of the params.
+  tx = spd_optax.adam_spd(1e-2, weight_decay=STRENGTHS, layer_axes=LAYER_AXES)
+  want = reference(tx)
+  assert_spd_acted(want)
+  n = jax.device_count()
+  copies = lambda tree: jax.tree.map(lambda x: np.stack([x] * n), tree)
+
+  def run(params, all_grads):
+    state = tx.init(params)
+    for g in all_grads:
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  got_params, got_state = jax.pmap(run, axis_name="batch")(
+      copies(params0()), [copies(grads(t)) for t in range(STEPS)])
+  for i in range(n):
+    device = lambda tree: jax.tree.map(lambda x: x[i], tree)
+    assert_same_run((device(got_params), device(got_state)), want)
+
+
+def assert_spd_acted(run):
+  """SPD changed every leaf of the run, so a wrong sum or a per-device decay
+  would have shown: without it, another run."""
+  plain, _ = reference(spd_optax.adam_spd(1e-2, weight_decay=0.0))
   for k in SHAPES:
-    np.testing.assert_allclose(np.asarray(got[k]), want_params[k], rtol=1e-5, atol=1e-6)
+    assert np.abs(plain[k] - run[0][k]).max() > 1e-3, k

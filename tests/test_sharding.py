@@ -112,10 +112,22 @@ def check_laid_out_like_params(state, params, psh, anchor_memory="device"):
       # not a replicated copy: each device holds only its shard
       shard_shape = psh[k].shard_shape(p.shape)
       assert all(s.data.shape == shard_shape for s in leaf.addressable_shards)
-  assert state.per_layer.sharding.is_fully_replicated
-  for tree in (state.condition, state.ratio, state.deviation):
-    for leaf in jax.tree.leaves(tree):
-      assert leaf.shape == ()
+  check_per_layer_replicated(state, psh)
+
+
+def check_per_layer_replicated(state, psh):
+  """Per SPD leaf, one float32 value per field, whole on every device of
+  the params' mesh; a masked-off leaf has none."""
+  for field in ("condition", "ratio", "deviation"):
+    tree = getattr(state, field)
+    assert sorted(tree) == sorted(psh), field
+    for k, leaf in tree.items():
+      if not MASK[k]:
+        assert isinstance(leaf, optax.MaskedNode), (field, k)
+        continue
+      assert leaf.shape == () and leaf.dtype == jnp.float32, (field, k, leaf)
+      assert leaf.sharding.is_fully_replicated, (field, k, leaf.sharding)
+      assert leaf.sharding.device_set == psh[k].device_set, (field, k)
 
 
 def collectives(hlo: str) -> dict[str, list[int]]:
@@ -304,9 +316,11 @@ def test_flax_nnx_sharded_optimizer():
   bias = model.body.bias[...]
   assert st.anchor["body"]["bias"][...].sharding.is_equivalent_to(bias.sharding, 1)
   np.testing.assert_array_equal(st.anchor["body"]["kernel"][...], kernel0)
-  assert st.per_layer[...].sharding.is_fully_replicated
-  for leaf in jax.tree.leaves(st.condition):
-    assert leaf.shape == ()
+  for field in ("condition", "ratio", "deviation"):
+    values = jax.tree.leaves(nnx_pure(getattr(st, field)))
+    assert len(values) == 4, field   # body and head, kernel and bias
+    for leaf in values:
+      assert leaf.shape == () and leaf.sharding.is_fully_replicated, (field, leaf)
 
 
 def nnx_pure(tree):
@@ -351,12 +365,14 @@ def test_stacked_layers_sharded_along_layer_axis():
   ssh = optax.tree_map_params(tx, lambda _, s: s, abstract, psh,
                               transform_non_params=lambda _: replicated)
   assert ssh.anchor == psh and ssh.inner_state[0].mu == psh
-  assert ssh.per_layer == replicated
+  assert ssh.condition == ssh.ratio == ssh.deviation == replicated
   state = jax.jit(tx.init, out_shardings=ssh)(params)
   for k in params:
     assert state.anchor[k].sharding.is_equivalent_to(psh[k], params[k].ndim)
   assert state.condition["blocks_w"].shape == (L,)
-  assert state.condition["blocks_w"].sharding.is_fully_replicated
+  for field in ("condition", "ratio", "deviation"):
+    for k, leaf in getattr(state, field).items():
+      assert leaf.sharding.is_fully_replicated, (field, k, leaf.sharding)
 
   step = jax.jit(make_step(tx), donate_argnums=(0, 1), out_shardings=(psh, ssh))
   hlo = step.lower(params, state, jax.device_put(stacked_grads(0), psh)).compile().as_text()
@@ -441,8 +457,7 @@ def test_donated_sharded_steps_make_no_host_transfer(layered):
 @pytest.mark.needs_host_memory
 def test_state_shardings_keep_a_host_anchor_on_host():
   """The library's recipe keeps the anchor in pinned_host memory on either
-  axis type; optax.tree_map_params gives it device memory, and update says
-  so instead of silently using the device memory it was meant to save."""
+  axis type, through donated steps, and the run is the device anchor's."""
   tx = spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK, anchor_on_host=True)
   mesh = make_mesh()
   psh = param_shardings(mesh)
@@ -459,16 +474,6 @@ def test_state_shardings_keep_a_host_anchor_on_host():
   want_params, _ = unsharded_run(spd_optax.adam_spd(0.05, weight_decay=1.0, mask=MASK))
   chex.assert_trees_all_close(jax.device_get(params), jax.device_get(want_params),
                               rtol=1e-5, atol=1e-6)
-
-  abstract = jax.eval_shape(tx.init, params)
-  lost = optax.tree_map_params(tx, lambda _, s: s, abstract, psh,
-                               transform_non_params=lambda _: NamedSharding(mesh, P()),
-                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  state = jax.jit(tx.init, out_shardings=lost)(jax.device_put(host_params(), psh))
-  assert state.anchor["w1"].sharding.memory_kind == "device"
-  with pytest.warns(UserWarning, match=r"anchor_on_host=True, but the anchor of params\['b'\] arrived in device memory.*spd_optax.state_shardings"):
-    jax.jit(make_step(tx))(jax.device_put(host_params(), psh), state,
-                           jax.device_put(host_grads(0), psh))
 
 
 def test_state_shardings_needs_a_mesh():
