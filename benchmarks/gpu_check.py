@@ -479,8 +479,6 @@ def main(argv=None):
                  help="K for the fori_loop timings (default 10, small 3)")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  p.add_argument("--pallas", choices=["auto", "on", "off"], default="auto",
-                 help="also time adam_spd's Pallas first pass (auto: off a CPU)")
   p.add_argument("--check-cap", type=int, default=None,
                  help="the reference check caps every dimension at this (default 512, small 64)")
   p.add_argument("--check-steps", type=int, default=6)
@@ -488,7 +486,6 @@ def main(argv=None):
   p.add_argument("--trace-dir", default=None,
                  help="keep the raw traces here (default: a temporary folder, removed)")
   args = p.parse_args(argv)
-  ostep.PALLAS = {"auto": None, "on": True, "off": False}[args.pallas]
   small = args.small
   args.reps = args.reps or (3 if small else 20)
   args.fori_reps = args.fori_reps or (2 if small else 5)

@@ -17,11 +17,7 @@
 #      `timeout` of GPU_CHECK_TIMEOUT_S (default 450 s); gpu.json is written
 #      after each group, so a cut-short run still returns what it measured.
 #      Its `skipped` list names the sets to run in a second call
-#      (`--sets ...`, other --json) if device time is left. On a GPU it also
-#      times "adam_spd pallas" (spd_optax.experimental.adam_spd, issue 15's
-#      Triton first pass, with its reference check): the device's word on
-#      whether the kernel beats XLA's pass (GPU_CHECK_ARGS="--pallas off"
-#      leaves it out, e.g. if a group runs out of memory);
+#      (`--sets ...`, other --json) if device time is left;
 #   3. tests.log, tests.xml: on the GPU, the golden replay
 #      (tests/test_golden.py) and the transfer-guard test of a donated
 #      sharded step (tests/test_sharding.py::

@@ -107,14 +107,8 @@ def naive_spd(lr, weight_decay):
   return optax.GradientTransformation(init, update)
 
 
-# Also time adam_spd with its Pallas first pass: None for where it is
-# compiled (not on a CPU, where it runs in Pallas' interpreter).
-PALLAS = None
-
-
 def optimizers(shapes, stacked, lr=1e-4):
   """name -> (optimizer, parameter shapes) for one set."""
-  pallas = PALLAS if PALLAS is not None else jax.default_backend() != "cpu"
   if not stacked:
     out = {
         "optax.adamw": (optax.adamw(lr, weight_decay=0.1), shapes),
@@ -122,7 +116,6 @@ def optimizers(shapes, stacked, lr=1e-4):
         "naive SPD": (naive_spd(lr, 1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
     }
-    layer_axes = None
   else:
     stacked_shapes, layer_axes = stack_blocks(shapes)
     out = {
@@ -132,9 +125,6 @@ def optimizers(shapes, stacked, lr=1e-4):
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
                      stacked_shapes),
     }
-  if pallas:
-    out["adam_spd pallas"] = (spd_optax.experimental.adam_spd(
-        lr, weight_decay=1.0, layer_axes=layer_axes), out["adam_spd"][1])
   return out
 
 

@@ -182,9 +182,8 @@ def _init(inner, opts, anchor, anchor_dtype, on_host, params) -> SPDState:
   if not params_l:
     # optax.tree_map_params' placeholder has no leaves: the anchor maps like
     # params, the per-layer values go to transform_non_params.
-    zero = jnp.zeros(())
-    return SPDState(zero, inner.init(params), params if anchor == "params" else None,
-                    zero, zero, zero)
+    return SPDState(jnp.zeros(()), inner.init(params), params if anchor == "params" else None,
+                    *(jnp.zeros(()) for _ in range(3)))
   records = {leaf.index: leaf for leaf in options_lib.resolve(opts, params)}
   per_leaf = lambda f: [f(p, records[i]) if i in records else optax.MaskedNode()
                         for i, p in enumerate(params_l)]
@@ -198,10 +197,12 @@ def _init(inner, opts, anchor, anchor_dtype, on_host, params) -> SPDState:
       jnp.zeros(r.layer_shape, projection.acc_dtype(jnp.result_type(p))), params_l)
   # With nnx Variables as leaves, so the per-layer values take none of a
   # param's metadata (its sharding names are not theirs).
-  values = jax.tree.structure(params, is_leaf=options_lib.is_variable).unflatten(
-      per_leaf(zeros))
+  # Three trees of their own buffers: one buffer in three fields cannot be
+  # donated to a step that reads them.
+  values = [jax.tree.structure(params, is_leaf=options_lib.is_variable).unflatten(
+      per_leaf(zeros)) for _ in range(3)]
   return SPDState(sharding.like_params(jnp.zeros((), jnp.int32), params_l),
-                  inner.init(params), anchors, values, values, values)
+                  inner.init(params), anchors, *values)
 
 
 def _update(inner, opts, on_host, updates, state, params=None, **extra_args):

@@ -264,3 +264,21 @@ def test_layer_axes_from_names_warns_about_an_unnamed_stacked_leaf():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     spd_optax.layer_axes_from_names({"w": params["w"]})  # all named: no warning
+
+
+def test_eager_state_donated_into_a_loop_that_reads_every_field():
+  params = _params()
+  tx = _tx()
+  grads = jax.grad(_loss)(params, 0)
+
+  def step(p, s):
+    updates, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, updates), s
+
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, 3, lambda _, c: step(*c), (p, s)),
+                 donate_argnums=(0, 1))
+  got = loop(jax.tree.map(jnp.copy, params), tx.init(params))  # eager init, donated
+  want = (params, tx.init(params))
+  for _ in range(3):
+    want = step(*want)
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
