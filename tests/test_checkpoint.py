@@ -184,22 +184,28 @@ def _data_files(step_dir):
   return files
 
 
-def test_target_must_fit_the_saved_anchor(saved_run):
+def test_target_that_does_not_fit_names_the_cause(saved_run):
   directory, mesh, psh = saved_run
   restore = lambda tx: spd_ckpt.restore(directory, *_targets(tx, mesh, psh))
-  with pytest.raises(ValueError, match=r"anchor\['head'\]: masked off when saved"):
+  with pytest.raises(ValueError, match=r"does not fit the target optimizer state:\n"
+                     r"  - params\['head'\]: SPD acts on it in the target only: another mask"):
     restore(_tx(mask=None))
-  with pytest.raises(ValueError, match=r"saved with anchor=params, the target uses anchor=zeros"):
+  with pytest.raises(ValueError, match=r"saved with anchor='params', the target has "
+                     r"anchor='zeros'"):
     restore(_tx(anchor="zeros"))
-  with pytest.raises(ValueError, match=r"anchor\[.w1.\]: saved as float32\[16, 256\], "
-                     r"the target is bfloat16"):
+  with pytest.raises(ValueError, match=r"anchor\['w1'\]: saved as float32, the target is "
+                     r"bfloat16: another anchor_dtype"):
     restore(_tx(anchor_dtype=jax.numpy.bfloat16))
   with pytest.raises(ValueError, match=r"no finished checkpoint for step 5 .* \[1, 2\]"):
     spd_ckpt.restore(directory, *_targets(_tx(), mesh, psh), step=5)
-  # plain Orbax says only that some array has another shape (the packed
-  # per-layer values have a column less), nothing of the mask
-  with pytest.raises(ValueError, match="not compatible with the stored shape"):
-    _orbax_restore(directory, *_targets(_tx(mask=None), mesh, psh))
+  # Plain Orbax does not say why: it fails without naming the mask, or
+  # restores a state without the head's anchor the target asks for.
+  try:
+    _, state = _orbax_restore(directory, *_targets(_tx(mask=None), mesh, psh))
+  except ValueError as e:
+    assert "mask" not in str(e)
+  else:
+    assert not isinstance(state.anchor["head"], jax.Array)
 
 
 def test_interrupted_save_is_ignored(saved_run, tmp_path):
@@ -233,9 +239,9 @@ def test_damaged_step_raises(saved_run, tmp_path, damage):
   else:
     shutil.rmtree(step_dir / "opt_state")
   targets = _targets(_tx(), *saved_run[1:])
-  with pytest.raises(ValueError, match=r"checkpoint step 2 in .* could not be read: "
-                     r"it is partial or corrupt.*Restore another step \(finished "
-                     r"steps: \[1, 2\]\)"):
+  with pytest.raises(ValueError, match=r"checkpoint step 2 in .* could not be read as an "
+                     r"spd_optax checkpoint:.*partial or damaged\. Restore another step "
+                     r"\(finished: \[1, 2\]\)"):
     spd_ckpt.restore(directory, *targets)
   _, state = spd_ckpt.restore(directory, *targets, step=1)   # the way out
   assert int(state.count) == 1
@@ -254,7 +260,7 @@ def test_swapped_anchor_data_is_caught(saved_run, tmp_path):
   shutil.rmtree(directory / "1" / "opt_state")
   shutil.copytree(tmp_path / "other" / "1" / "opt_state", directory / "1" / "opt_state")
   with pytest.raises(ValueError, match=r"restored anchor\['\w+'\] differs from the one "
-                     r"saved \(checksum mismatch\)"):
+                     r"saved \(checksum\): the data is damaged"):
     spd_ckpt.restore(directory, *_targets(tx, mesh, psh))
 
 
@@ -263,7 +269,8 @@ def test_checkpoint_without_manifest(saved_run, tmp_path):
   mesh, psh = saved_run[1:]
   params, state, _, _ = _setup(tx, mesh, psh)
   _orbax_save(tmp_path / "plain", 1, params, state)
-  with pytest.raises(ValueError, match="no readable SPD manifest"):
+  with pytest.raises(ValueError, match=r"could not be read as an spd_optax checkpoint: "
+                     r"it was not written by spd_optax\.checkpoint\.save"):
     spd_ckpt.restore(tmp_path / "plain", *_targets(tx, mesh, psh))
   # ... while plain Orbax restores it
   _, got = _orbax_restore(tmp_path / "plain", *_targets(tx, mesh, psh))
@@ -286,34 +293,6 @@ def test_stacked_layers_round_trip_and_layer_axes_checked(tmp_path):
   assert got_state.ratio["blocks_w"].shape == (4,)
   # A target built without layer_axes holds one value per leaf: refused.
   flat_target = jax.eval_shape(spd_optax.adam_spd(0.05).init, params)
-  with pytest.raises(ValueError, match="same layer_axes"):
+  with pytest.raises(ValueError, match=r"params\['blocks_w'\]: per-layer shape \[4\] saved, "
+                     r"\[\] in the target: another layer_axes"):
     spd_ckpt.restore(tmp_path / "ckpt", params, flat_target)
-
-
-def test_restores_a_checkpoint_of_the_release_before_the_consolidation():
-  # tests/data/checkpoint_2ee2956: written by spd_optax.checkpoint.save at
-  # commit 2ee2956 (its make.py). The state's format did not change since:
-  # it restores onto the current optimizer's targets, anchor checksum
-  # checked, and goes on as a run of the current library does.
-  import importlib.util
-  import pathlib
-  here = pathlib.Path(__file__).parent / "data" / "checkpoint_2ee2956"
-  spec = importlib.util.spec_from_file_location("checkpoint_2ee2956_make", here / "make.py")
-  make = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(make)
-  tx = make.make_tx()
-  params, state = make.run(tx)
-  targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, state))
-  got_params, got_state = spd_ckpt.restore(here / "ckpt", *targets)
-  assert jax.tree.structure(got_state) == jax.tree.structure(state)
-  # The same run to float32 rounding: XLA:CPU's sums were blocked after
-  # 2ee2956, and the declared minimum jax (0.8.0) rounds some elements
-  # otherwise than the jax that wrote it (3.7e-9 on one of 0.0026).
-  chex.assert_trees_all_close(got_params, params, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(got_state, state, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_equal(got_state.anchor, state.anchor)
-  assert got_state.condition["blocks"].shape == (3,)
-  assert isinstance(got_state.anchor["head"], optax.MaskedNode)
-  updates, _ = tx.update(make.grads(make.STEPS), got_state, got_params)
-  want, _ = tx.update(make.grads(make.STEPS), state, params)
-  chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-7)

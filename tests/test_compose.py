@@ -10,22 +10,38 @@ import pytest
 from flax import nnx
 
 import spd_optax
-from test_transform import _grads_like, _params, _run
+from test_transform import _grads_like, _params, _run, _spd_numpy
 
 
 def test_chain_with_clipping_and_schedule():
+  # Every step against SPD restated in NumPy around the update the inner
+  # chain gives from the same state; SPD passes that state through.
   params = _params()
   inner = optax.chain(optax.clip_by_global_norm(0.5),
                       optax.lion(optax.cosine_decay_schedule(1e-2, 10)))
   tx = spd_optax.selective_projection_decay(inner, 0.5)
-  got, state = _run(tx, params, 6)
-  assert int(state.count) == 6
-  # outer chain: the SPD state is found through it
+  state, p, decayed = tx.init(params), params, 0
+  for t in range(6):
+    g = _grads_like(params, 1 + t)
+    inner_updates, inner_state = inner.update(g, state.inner_state, p)
+    updates, state = tx.update(g, state, p)
+    chex.assert_trees_all_equal(state.inner_state, inner_state)
+    for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates, updates))):
+      want, _, ratio = _spd_numpy(x, a, gx, ux, 0.5)
+      np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
+                                 rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+      decayed += ratio > 0
+    p = optax.apply_updates(p, updates)
+  assert int(state.count) == 6 and decayed > 0
+  # outer chain: SPD sees the clipped gradients, and its state is found through it
   outer = optax.chain(optax.clip(1.0), spd_optax.adam_spd(1e-2))
-  _, ostate = _run(outer, params, 3)
-  assert set(spd_optax.spd_stats(ostate)) == {"decayed_fraction", "mean_ratio", "deviation"}
-  for x in jax.tree.leaves(got):
-    assert np.all(np.isfinite(x))
+  got, ostate = _run(outer, params, 3)
+  spd = spd_optax.adam_spd(1e-2)
+  want, wstate = _run(spd, params, 3, step_fn=lambda g, s, p: spd.update(
+      jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), g), s, p))
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+  chex.assert_trees_all_close(spd_optax.spd_stats(ostate), spd_optax.spd_stats(wstate),
+                              rtol=1e-6)
 
 
 def test_multisteps_accumulates_before_spd():
@@ -140,15 +156,28 @@ def test_flax_nnx_optimizer_with_head_masked_off():
     return loss
 
   pre_kernel = np.array(model.body.kernel[...])
-  losses = [float(step(model, opt)) for _ in range(30)]
+  pre_bias = np.array(model.body.bias[...])
+  losses, fractions = [], []
+  for _ in range(30):
+    losses.append(float(step(model, opt)))
+    stats = spd_optax.spd_stats(opt.opt_state)
+    # The units are the two leaves SPD acts on; the head is masked off.
+    ratios = [float(opt.opt_state.ratio["body"][k][...]) for k in ("kernel", "bias")]
+    np.testing.assert_array_equal(stats["decayed_fraction"], np.count_nonzero(ratios) / 2)
+    np.testing.assert_allclose(stats["mean_ratio"], sum(ratios) / 2, rtol=1e-6)
+    fractions.append(float(stats["decayed_fraction"]))
   assert losses[-1] < losses[0]
+  assert max(fractions) > 0
   anchor = opt.opt_state.anchor
   assert jax.tree.leaves(anchor["head"]) == []  # masked off: no anchor stored
   np.testing.assert_array_equal(anchor["body"]["kernel"][...], pre_kernel)
   assert not np.allclose(model.body.kernel[...], pre_kernel)
-  stats = spd_optax.spd_stats(opt.opt_state)
-  assert float(stats["deviation"]) > 0
-  assert float(stats["decayed_fraction"]) >= 0
+  body = nnx.to_pure_dict(nnx.state(model, nnx.Param))["body"]
+  np.testing.assert_allclose(
+      stats["deviation"], np.sqrt(np.sum((body["kernel"] - pre_kernel) ** 2)
+                                  + np.sum((body["bias"] - pre_bias) ** 2)), rtol=1e-5)
+  # nnx.state(optimizer) holds the SPD state as a mapping: the same stats.
+  chex.assert_trees_all_equal(spd_optax.spd_stats(nnx.state(opt)), stats)
 
 
 def _nnx_run(tx, steps=12):
@@ -185,7 +214,8 @@ def test_flax_nnx_plain_dict_masks_and_layer_axes():
   got, state = _nnx_run(spd_optax.adam_spd(
       0.05, mask=by_path, layer_axes={"body": None, "head": {"kernel": None, "bias": None}}))
   chex.assert_trees_all_equal(got, want)
-  chex.assert_trees_all_equal(state.per_layer[...], want_state.per_layer[...])
+  for field in ("condition", "ratio", "deviation"):
+    chex.assert_trees_all_equal(getattr(state, field), getattr(want_state, field))
   with pytest.raises(ValueError, match=re.escape("""no entry for params ["['head']['bias']"]""")):
     _nnx_run(spd_optax.adam_spd(0.05, mask={"body": True, "head": {"kernel": False}}))
   with pytest.raises(ValueError, match=re.escape("""entries for no param ["['tail']"]""")):
@@ -305,7 +335,9 @@ def test_tree_map_params_cast_and_specs():
                               transform_non_params=lambda _: "replicated",
                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   assert got.anchor["w"] == "spec2" and got.inner_state[0].mu == specs
-  assert got.per_layer == "replicated" and got.count == "replicated"
+  assert got.count == "replicated"
+  # the per-layer trees are not params: each is one non-params value
+  assert got.condition == got.ratio == got.deviation == "replicated"
 
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
@@ -347,12 +379,28 @@ def test_differentiable_through_update(mode):
 def test_schedule_free_inner_sequence_is_not_decayed():
   # SPD acts on the update schedule-free returns (it moves the evaluated
   # params y); its own z sequence stays as the inner optimizer keeps it.
+  # The gradients depend on the params, so they see SPD's decay.
   params = _params()
+  target = jax.tree.map(lambda p, g: p + 2.0 * g, params, _grads_like(params, 5))
+  grad = jax.grad(lambda p: sum(jnp.sum(jnp.abs(a - b) ** 1.5) for a, b in zip(
+      jax.tree.leaves(p), jax.tree.leaves(target))))
   inner = optax.contrib.schedule_free_sgd(0.5)
   tx = spd_optax.selective_projection_decay(inner, weight_decay=1.0)
-  spd_params, state = _run(tx, params, 6)
-  plain_params, plain_state = _run(inner, params, 6)
-  chex.assert_trees_all_equal(state.inner_state.z, plain_state.z)  # grads fixed
-  diff = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(spd_params),
-                                                jax.tree.leaves(plain_params))]
-  assert max(diff) > 0  # SPD did act on the params
+  state, p, decayed = tx.init(params), params, 0
+  for t in range(8):
+    g = grad(p)
+    inner_updates, inner_state = inner.update(g, state.inner_state, p)
+    updates, state = tx.update(g, state, p)
+    # z (and the rest of the inner state) is the inner optimizer's, bit for bit
+    chex.assert_trees_all_equal(state.inner_state, inner_state)
+    for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates, updates))):
+      want, _, ratio = _spd_numpy(x, a, gx, ux, 1.0)
+      np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
+                                 rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+      decayed += ratio > 0
+    p = optax.apply_updates(p, updates)
+  assert decayed > 0  # SPD did act on the params
+  # The inner state's fields read through SPDState, as schedule-free's
+  # evaluation params need them.
+  chex.assert_trees_all_equal(optax.contrib.schedule_free_eval_params(state, p),
+                              optax.contrib.schedule_free_eval_params(state.inner_state, p))

@@ -1,6 +1,8 @@
 """Per-layer SPD on stacked leaves (`layer_axes`): a leaf stacking L layers
 behaves exactly as L separate leaves."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -204,11 +206,12 @@ def test_layer_axes_array_refused():
 
 class Block(nnx.Module):
 
-  def __init__(self, rngs, partitioned=True):
+  def __init__(self, rngs, partitioned=True, bias_names=True):
     init, bias_init = nnx.initializers.lecun_normal(), nnx.initializers.normal(1.0)
     if partitioned:  # every stacked param must carry names, biases too
       init = nnx.with_partitioning(init, (None, "model"))
-      bias_init = nnx.with_partitioning(bias_init, ("model",))
+      if bias_names:
+        bias_init = nnx.with_partitioning(bias_init, ("model",))
     self.linear = nnx.Linear(D, D, kernel_init=init, bias_init=bias_init, rngs=rngs)
 
   def __call__(self, x):
@@ -262,7 +265,10 @@ def test_nnx_scan_matches_unrolled():
 def _nnx_scan_matches_unrolled():
   scanned = Scanned(nnx.Rngs(0))
   unrolled = Unrolled(scanned)
-  layer_axes = spd_optax.layer_axes_from_names(nnx.state(scanned, nnx.Param))
+  with warnings.catch_warnings():
+    # Every stacked param carries names; the head's axes are not of length L.
+    warnings.simplefilter("error")
+    layer_axes = spd_optax.layer_axes_from_names(nnx.state(scanned, nnx.Param))
   assert layer_axes["blocks"]["linear"]["kernel"] == 0
   assert layer_axes["blocks"]["linear"]["bias"] == 0
   assert layer_axes["head"]["kernel"] is None
@@ -292,6 +298,25 @@ def _nnx_scan_matches_unrolled():
   chex.assert_trees_all_close(stats[0], stats[1], rtol=1e-4, atol=1e-6)
 
 
+def test_layer_axes_from_names_warns_of_stacked_params_without_names():
+  # A bias made without names is stacked by the scan all the same, but says
+  # nothing, so it would silently be one layer: its leading axis has the
+  # stack's length L, and the warning names it.
+  mesh = jax.make_mesh((1, 1), ("layers", "model"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return Block(rngs, bias_names=False)
+
+    state = nnx.state(make(nnx.Rngs(0)), nnx.Param)
+    with pytest.warns(UserWarning, match=r"\['linear'\]\['bias'\].*carry no partition "
+                      r"names.*'layers'"):
+      axes = spd_optax.layer_axes_from_names(state)
+  assert axes["linear"]["kernel"] == 0 and axes["linear"]["bias"] is None
+
+
 def test_layer_axes_from_names_without_names():
   model = Block(nnx.Rngs(0), partitioned=False)
   with pytest.raises(ValueError, match="no param carries the partition name"):
@@ -315,7 +340,9 @@ def test_layer_axes_from_linen_boxes_and_specs():
       return x
 
   variables = LStack().init(jax.random.key(0), jnp.ones((2, D)))
-  axes = spd_optax.layer_axes_from_names(variables["params"])
+  # The Dense bias has no names: stacked, but it would be one layer.
+  with pytest.warns(UserWarning, match=r"\['Dense_0'\]\['bias'\].*carry no partition names"):
+    axes = spd_optax.layer_axes_from_names(variables["params"])
   kernel_axes = jax.tree.leaves(axes, is_leaf=lambda x: x is None or isinstance(x, int))
   assert 0 in kernel_axes
   from_specs = spd_optax.layer_axes_from_names(nn.get_partition_spec(variables)["params"])

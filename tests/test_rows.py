@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import spd_optax
+from spd_optax import projection
 from test_layers import PREFIX, assert_equivalent
 
 LR, MOMENTUM, LAM = 0.05, 0.9, 0.8
@@ -116,6 +117,39 @@ def test_layers_without_rows():
   np.testing.assert_allclose(stats["mean_ratio"], float(state.ratio["w"]) / 4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape, axes", [((3, 4, 5), (0,)), ((4, 3, 5), (1,)),
+                                         ((2, 3, 2, 4), (0,)), ((6, 4), ()), ((3, 5), (0,))])
+def test_project_per_layer_matches_numpy_reference(shape, axes):
+  # One leaf through the three stages, each layer (an index along `axes`)
+  # against the reference on that layer alone: its rows are its first axis.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(shape)
+    d = rng.standard_normal(shape)
+    p = a + d
+    g = d * rng.uniform(0.5, 1.5, shape)     # c < 0 in every layer
+    u = 0.1 * d * rng.uniform(-0.5, 1.5, shape)   # mostly away, by row
+    lam = 0.7
+    update, c, r, dev = jax.jit(lambda *x: projection.project(
+        *x, lam, axes, norm="rows_l1"))(*map(jnp.asarray, (g, p, a, u)))
+    layer_shape = tuple(shape[i] for i in axes)
+    assert c.shape == r.shape == dev.shape == layer_shape
+    rest = tuple(i for i in range(len(shape)) if i not in axes)
+    for index in np.ndindex(*layer_shape):
+      at = [slice(None)] * len(shape)
+      for i, j in zip(axes, index):
+        at[i] = j
+      at = tuple(at)
+      want, cond, ratio = reference_step(p[at], a[at], g[at], u[at], lam)
+      np.testing.assert_allclose(np.asarray(p + update)[at], want, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(c[index], cond, rtol=1e-12)
+      np.testing.assert_allclose(r[index], np.mean(ratio), rtol=1e-10)
+      np.testing.assert_allclose(dev[index], np.linalg.norm(want - a[at]), rtol=1e-10)
+      assert cond < 0 and np.max(ratio) > 0   # decayed
+      if len(rest) >= 2:
+        assert np.ptp(ratio) > 0   # by rows, each by its own ratio
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_stacked_equals_separate_leaves(jit):
   # Rows of each layer: in a stacked [L, rows, ...] leaf the first axis
@@ -130,7 +164,7 @@ def test_differs_from_frobenius():
   rng = np.random.default_rng(1)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
   out = {}
-  for norm in spd_optax.plan.NORMS:
+  for norm in projection.NORMS:
     tx = spd_optax.selective_projection_decay(optax.sgd(0.05, momentum=0.9), 1.0,
                                               norm=norm)
     p, state = params, tx.init(params)

@@ -152,11 +152,17 @@ def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
   params = {"b": jnp.zeros(3), "blocks": jnp.zeros((3, 2)), "head": jnp.zeros(2)}
   tx = spd_optax.adam_spd(0.1, mask={"b": False, "blocks": True, "head": True},
                           layer_axes={"b": None, "blocks": 0, "head": None})
-  # Columns: the three layers of 'blocks', then 'head' ('b' is masked off).
-  state = tx.init(params)._replace(per_layer=jnp.asarray(
-      [[-1, 2, -3, -1], [0.5, 0, 0.25, 0], [1, 2, 2, 4]], jnp.float32))
-  np.testing.assert_array_equal(state.ratio["blocks"], [0.5, 0, 0.25])
-  assert state.deviation["head"] == 4 and isinstance(state.ratio["b"], optax.MaskedNode)
+  state = tx.init(params)
+  for field in ("condition", "ratio", "deviation"):
+    tree = getattr(state, field)
+    assert isinstance(tree["b"], optax.MaskedNode)
+    assert tree["blocks"].shape == (3,) and tree["head"].shape == ()
+    assert tree["blocks"].dtype == tree["head"].dtype == jnp.float32
+  values = lambda blocks, head: {"b": optax.MaskedNode(),
+                                 "blocks": jnp.asarray(blocks, jnp.float32),
+                                 "head": jnp.asarray(head, jnp.float32)}
+  state = state._replace(condition=values([-1, 2, -3], -1), ratio=values([0.5, 0, 0.25], 0),
+                         deviation=values([1, 2, 2], 4))
   stats = jax.jit(spd_optax.spd_stats)(state)
   np.testing.assert_allclose(stats["decayed_fraction"], 2 / 4)
   np.testing.assert_allclose(stats["mean_ratio"], 0.75 / 4)
@@ -312,18 +318,33 @@ def test_spd_state_finds_the_one_state_and_refuses_ambiguity():
     spd_optax.spd_state(two.init(params))
 
 
-def test_tree_get_sees_fields_not_the_per_layer_properties():
-  # condition, ratio and deviation are properties over the packed array,
-  # not fields: optax.tree_utils.tree_get does not find them (None), finds
-  # the packed array by its field name, and spd_state finds them anywhere.
+def test_tree_get_finds_the_per_layer_fields():
+  # condition, ratio and deviation are fields of SPDState: optax's tree
+  # utilities find them by name inside a chain, as they find Adam's mu.
   import optax.tree_utils as otu
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
   tx = optax.chain(optax.clip_by_global_norm(1.0), spd_optax.adam_spd(1e-2))
   state = tx.init(params)
-  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-  assert otu.tree_get(state, "condition") is None
-  packed = otu.tree_get(state, "per_layer")
-  assert packed.shape == (3, 2)
+  p, before = params, params
+  for t in range(3):
+    grads = _grads_like(params, 1 + t)
+    updates, state = tx.update(grads, state, p)
+    before, p = p, optax.apply_updates(p, updates)
   found = spd_optax.spd_state(state)
-  np.testing.assert_array_equal(found.condition["w"], packed[0, 1])   # flatten order: b, w
-  assert set(found.ratio) == {"w", "b"}
+  for field in ("condition", "ratio", "deviation"):
+    got = otu.tree_get(state, field)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    chex.assert_trees_all_equal(got, getattr(found, field))
+  # The values are the last step's, leaf by leaf; SPD saw the clipped gradients.
+  g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+  clip = min(1.0, 1.0 / np.sqrt(sum(np.sum(x * x) for x in g.values())))
+  for k in params:
+    d = np.asarray(before[k], np.float64) - np.asarray(params[k], np.float64)
+    np.testing.assert_allclose(otu.tree_get(state, "condition")[k],
+                               -np.sum(clip * g[k] * d), rtol=1e-5)
+    np.testing.assert_allclose(otu.tree_get(state, "deviation")[k],
+                               np.linalg.norm(np.asarray(p[k]) - np.asarray(params[k])),
+                               rtol=1e-5)
+  # and tree_set writes them where they are
+  other = jax.tree.map(lambda r: r + 0.5, found.ratio)
+  chex.assert_trees_all_equal(otu.tree_get(otu.tree_set(state, ratio=other), "ratio"), other)

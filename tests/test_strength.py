@@ -47,14 +47,16 @@ def test_tree_matches_formula_per_leaf():
 
 def test_equal_tree_is_the_scalar_bit_for_bit():
   params = _params()
-  outs = []
+  outs, decayed = [], 0.0
   for wd in (0.6, {"w": 0.6, "b": 0.6, "head": 0.6}, {"w": 0.6, "b": 0.6, "head": {"w": 0.6}}):
     tx = spd_optax.adam_spd(0.1, weight_decay=wd)
     p, state = params, tx.init(params)
     for t in range(6):
       updates, state = jax.jit(tx.update)(_grads(p, t), state, p)
       p = optax.apply_updates(p, updates)
-    outs.append((p, state.per_layer))
+      decayed = max(decayed, float(spd_optax.spd_stats(state)["decayed_fraction"]))
+    outs.append((p, state.condition, state.ratio, state.deviation))
+  assert decayed > 0  # the strengths were applied
   chex.assert_trees_all_equal(outs[0], outs[1])
   chex.assert_trees_all_equal(outs[0], outs[2])
 

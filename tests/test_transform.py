@@ -25,6 +25,28 @@ def _grads_like(params, seed):
   return jax.tree.map(lambda p: jax.random.normal(next(it), p.shape, p.dtype), params)
 
 
+def _spd_numpy(p, a, g, u, lam):
+  """One SPD step of one leaf, as the paper writes it, in NumPy float64 from
+  the inner update `u`; `a` is θ_0 (None: 0). Returns (θ_t, c_t, r_t)."""
+  p, g, u = (np.asarray(x, np.float64) for x in (p, g, u))
+  a = np.zeros_like(p) if a is None else np.asarray(a, np.float64)
+  tilde = p + u
+  cond = -np.sum(g * (p - a))
+  n_new, n_prev = np.linalg.norm(tilde - a), np.linalg.norm(p - a)
+  ratio = float(np.clip((n_new - n_prev) / n_new, 0, 1)) if cond < 0 and n_new > 0 else 0.0
+  return tilde - lam * ratio * (tilde - a), cond, ratio
+
+
+def _turning_grads(params, t, turn=3):
+  """Gradients that push every leaf outwards for `turn` steps, then back
+  towards 0 and its starting point: once they turn, c_t < 0 while
+  momentum still carries the step outwards, so SPD decays."""
+  keys = iter(jax.random.split(jax.random.key(50 + t), len(jax.tree.leaves(params))))
+  sign = -1.0 if t < turn else 1.0
+  return jax.tree.map(lambda p: sign * jnp.sign(p) * jax.random.uniform(
+      next(keys), p.shape, p.dtype, 0.5, 1.5), params)
+
+
 def _run(tx, params, steps, seed=1, step_fn=None):
   state = tx.init(params)
   step_fn = step_fn or tx.update
@@ -100,14 +122,33 @@ class VariantsTest(chex.TestCase):
     assert state.anchor["w"].shape == (8, 5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_zero_anchor_stores_nothing_and_bounds_adapters(self):
+  def test_zero_anchor_stores_nothing_and_decays_towards_zero(self):
+    # θ_0 = 0 (adapters): every step against the NumPy restatement with a
+    # zero anchor, through steps where SPD decays.
     params = _params()
-    tx = spd_optax.adam_spd(0.05, weight_decay=1.0, anchor="zeros")
-    state = tx.init(params)
+    inner = optax.sgd(0.05, momentum=0.9)
+    tx = spd_optax.selective_projection_decay(inner, weight_decay=0.8, anchor="zeros")
+    step = self.variant(tx.update)
+    state, p, decayed = tx.init(params), params, 0
     assert state.anchor is None
-    _, state = _run(tx, params, 8, step_fn=self.variant(tx.update))
-    norms = [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(state.deviation)]
-    assert all(np.isfinite(norms))
+    for t in range(8):
+      g = _turning_grads(p, t)
+      inner_updates, _ = inner.update(g, state.inner_state, p)
+      updates, state = step(g, state, p)
+      flat = zip(*map(jax.tree.leaves, (p, g, inner_updates, updates, state.condition,
+                                        state.ratio)))
+      for x, gx, ux, got, c, r in flat:
+        want, cond, ratio = _spd_numpy(x, None, gx, ux, 0.8)
+        np.testing.assert_allclose(c, cond, rtol=1e-5)
+        np.testing.assert_allclose(r, ratio, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
+                                   rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        decayed += ratio > 0
+      p = optax.apply_updates(p, updates)
+      # the deviation from a zero anchor is the norm of the params
+      for x, dev in zip(jax.tree.leaves(p), jax.tree.leaves(state.deviation)):
+        np.testing.assert_allclose(dev, np.linalg.norm(np.asarray(x, np.float64)), rtol=1e-5)
+    assert decayed >= 3
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_degenerate_leaves_are_finite(self):
@@ -138,13 +179,33 @@ class VariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_lambda_schedule(self):
+    # λ = 0 for the first three steps (the inner optimizer exactly), then the
+    # schedule's λ at SPD's count: two values, so a count off by one shows.
     params = _params()
-    inner = optax.sgd(0.1)
-    sched = optax.piecewise_constant_schedule(0.0, {3: 1.0})
+    inner = optax.sgd(0.1, momentum=0.9)
+    sched = lambda count: jnp.where(count < 3, 0.0, jnp.where(count == 3, 1.0, 0.5))
     tx = spd_optax.selective_projection_decay(inner, sched)
-    got, _ = _run(tx, params, 3, step_fn=self.variant(tx.update))
-    want, _ = _run(inner, params, 3, step_fn=self.variant(inner.update))
-    chex.assert_trees_all_equal(got, want)  # λ = 0 for the first three steps
+    step, inner_step = self.variant(tx.update), self.variant(inner.update)
+    state, inner_state = tx.init(params), inner.init(params)
+    p, q, decayed = params, params, {1.0: 0, 0.5: 0}
+    for t in range(8):
+      g = _turning_grads(p, t)
+      inner_updates, _ = inner.update(g, state.inner_state, p)
+      updates, state = step(g, state, p)
+      if t < 3:
+        plain, inner_state = inner_step(g, inner_state, q)
+        q = optax.apply_updates(q, plain)
+        chex.assert_trees_all_equal(updates, plain)
+      lam = 0.0 if t < 3 else 1.0 if t == 3 else 0.5
+      for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates,
+                                                          updates))):
+        want, _, ratio = _spd_numpy(x, a, gx, ux, lam)
+        np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
+                                   rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        if lam:
+          decayed[lam] += ratio > 0
+      p = optax.apply_updates(p, updates)
+    assert decayed[1.0] > 0 and decayed[0.5] > 0
 
 
 def test_anchor_dtype_bfloat16():
