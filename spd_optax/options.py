@@ -249,34 +249,6 @@ def _specs(param_specs, params) -> list:
   return specs
 
 
-def check_structure(params, grads, held):
-  """(the params' treedef, their leaves, the gradients' leaves), if both
-  trees have the leaves of `held` (the state's per-layer tree made at
-  ``init``); else an error naming the missing and extra leaves."""
-  if params is None:
-    raise ValueError("selective_projection_decay needs the current params: "
-                     "call tx.update(grads, state, params).")
-  keys = [k for k, _ in with_paths(held, is_leaf=is_masked)]
-  for what, tree in (("params", params), ("gradients", grads)):
-    have = [k for k, _ in with_paths(tree, is_leaf=lambda x: is_variable(x) or is_masked(x))]
-    if have != keys:
-      missing = [name(k) for k in keys if k not in set(have)]
-      extra = [name(k) for k in have if k not in set(keys)]
-      raise ValueError(
-          f"the {what} do not have the structure of the params the SPD state was "
-          f"made for at init: missing {missing or 'none'}, extra {extra or 'none'}"
-          f"{'' if missing or extra else ' (or their containers differ)'}. Pass the "
-          "same tree of params to init and update, or init a new state.")
-  treedef = jax.tree.structure(params)
-  try:
-    grads_l = treedef.flatten_up_to(grads)
-  except (ValueError, TypeError):
-    raise ValueError(f"the gradients' containers differ from the params' (structures "
-                     f"{jax.tree.structure(grads)} and {treedef}): pass gradients "
-                     "of the same tree.") from None
-  return treedef, treedef.flatten_up_to(params), grads_l
-
-
 def resolve(opts: Options, params, held=None, arrays=None) -> list[Leaf]:
   """The records of the leaves SPD acts on, or the error naming the leaf
   whose mask, layer axes, strength, dtype or split does not fit.
@@ -285,7 +257,7 @@ def resolve(opts: Options, params, held=None, arrays=None) -> list[Leaf]:
   holds per-layer values for (`held`: per leaf an array, or
   `optax.MaskedNode` where SPD leaves it alone), checked against them, and
   split inside `jax.shard_map` as `arrays` are (per leaf its gradient,
-  params, anchor and update).
+  params and anchor).
   """
   flat = with_paths(params)
   flags = _mask(opts.mask, params) if held is None else [not is_masked(h) for h in held]
@@ -322,6 +294,51 @@ def strength(opts: Options, leaf: Leaf, count):
   as 0 (a traced value cannot raise), NaN kept (it shows)."""
   lam = leaf.strength if opts.per_leaf else opts.weight_decay
   return jnp.maximum(jnp.asarray(lam(count) if callable(lam) else lam), 0)
+
+
+def _check_structure(params, grads, held):
+  """(the params' treedef, their leaves, the gradients' leaves), if both
+  trees have the leaves of `held` (the state's per-layer tree made at
+  ``init``); else an error naming the missing and extra leaves."""
+  if params is None:
+    raise ValueError("selective_projection_decay needs the current params: "
+                     "call tx.update(grads, state, params).")
+  keys = [k for k, _ in with_paths(held, is_leaf=is_masked)]
+  for what, tree in (("params", params), ("gradients", grads)):
+    have = [k for k, _ in with_paths(tree, is_leaf=lambda x: is_variable(x) or is_masked(x))]
+    if have != keys:
+      missing = [name(k) for k in keys if k not in set(have)]
+      extra = [name(k) for k in have if k not in set(keys)]
+      raise ValueError(
+          f"the {what} do not have the structure of the params the SPD state was "
+          f"made for at init: missing {missing or 'none'}, extra {extra or 'none'}"
+          f"{'' if missing or extra else ' (or their containers differ)'}. Pass the "
+          "same tree of params to init and update, or init a new state.")
+  treedef = jax.tree.structure(params)
+  try:
+    grads_l = treedef.flatten_up_to(grads)
+  except (ValueError, TypeError):
+    raise ValueError(f"the gradients' containers differ from the params' (structures "
+                     f"{jax.tree.structure(grads)} and {treedef}): pass gradients "
+                     "of the same tree.") from None
+  return treedef, treedef.flatten_up_to(params), grads_l
+
+
+def at_update(opts: Options, params, grads, state):
+  """What a step knows before the inner optimizer runs: the params' treedef
+  and per-leaf structure (nnx Variables as leaves, as at ``init``); the
+  params', gradients' and anchors' leaves; per leaf, the state's
+  ``(condition, ratio, deviation)``; and the records of the leaves SPD acts
+  on, each with its λ at this step in ``strength``. Raises for params or
+  gradients unlike those given to ``init``, naming the leaves."""
+  treedef, params_l, grads_l = _check_structure(params, grads, state.condition)
+  per_leaf = jax.tree.structure(params, is_leaf=is_variable)
+  held = [per_leaf.flatten_up_to(v) for v in (state.condition, state.ratio, state.deviation)]
+  anchors_l = ([None] * len(params_l) if state.anchor is None
+               else treedef.flatten_up_to(state.anchor))
+  leaves = resolve(opts, params, held[0], list(zip(grads_l, params_l, anchors_l)))
+  leaves = [leaf._replace(strength=strength(opts, leaf, state.count)) for leaf in leaves]
+  return treedef, per_leaf, params_l, grads_l, anchors_l, held, leaves
 
 
 def _check_strength(leaf: Leaf) -> None:

@@ -212,17 +212,10 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
                                     inner_state=inner_state)
   # Checked first, so a mismatch is reported here and not deep inside the
   # inner optimizer's tree_map.
-  treedef, params_l, grads_l = options_lib.check_structure(params, updates, state.condition)
+  treedef, per_leaf, params_l, grads_l, anchors_l, held, leaves = options_lib.at_update(
+      opts, params, updates, state)
   proposed, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
   out = treedef.flatten_up_to(proposed)
-  anchors_l = ([None] * len(params_l) if state.anchor is None
-               else treedef.flatten_up_to(state.anchor))
-  # Variables as leaves, as at init; places an outer optax.masked left out
-  # are empty here as in the params.
-  per_leaf = jax.tree.structure(params, is_leaf=options_lib.is_variable)
-  held = [per_leaf.flatten_up_to(v) for v in state[3:]]
-  leaves = options_lib.resolve(opts, params, held[0],
-                               list(zip(grads_l, params_l, anchors_l, out)))
   new, previous = [list(h) for h in held], None
   for leaf in leaves:
     i, a = leaf.index, anchors_l[leaf.index]
@@ -231,8 +224,8 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
       # work (and hold its anchor) before that one's is done.
       a = sharding.anchor_to_device(a, after=None if previous is None else out[previous])
     out[i], condition, ratio, deviation = projection.project(
-        grads_l[i], params_l[i], a, out[i], options_lib.strength(opts, leaf, state.count),
-        leaf.axes, opts.norm, leaf.psum_axes, leaf.layer_split)
+        grads_l[i], params_l[i], a, out[i], leaf.strength, leaf.axes, opts.norm,
+        leaf.psum_axes, leaf.layer_split)
     for k, value in enumerate((condition, ratio, deviation)):
       new[k][i] = sharding.like(value, held[k][i])
     # A layer whose gradient is not finite (a step that optax.apply_if_finite
