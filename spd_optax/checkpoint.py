@@ -93,8 +93,10 @@ def _errors(saved: dict, target: dict) -> list[str]:
 
 def _abstract(tree):
   # A target leaf without a sharding is restored onto this process's first
-  # device: Orbax before 0.12 refuses sharding=None.
-  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # device: Orbax before 0.12 refuses sharding=None. (jax 0.12 deprecates
+  # the class for the function.)
+  single = getattr(jax.sharding, "make_single_device_sharding", None)
+  default = (single or jax.sharding.SingleDeviceSharding)(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default), tree)
 

@@ -107,9 +107,6 @@ def _train_pure(tx, params, steps):
   return params, state
 
 
-# Orbax's refused read leaves its other reads' coroutines to be closed by the
-# garbage collector, which reports their exception as unraisable.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_orbax_refuses_a_target_with_other_layer_axes(tmp_path):
   params, state = _train(_tx(), _params(), 4)
   with ocp.CheckpointManager(tmp_path) as mngr:
