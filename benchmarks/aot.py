@@ -45,14 +45,26 @@ it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
 (``anchor_on_host=True``), brought in leaf by leaf. "adam_spd pallas" takes
 its first pass from `spd_optax.experimental` (Pallas), which XLA:TPU's cost model
 gives no estimate; on a sharded slice it runs inside `jax.shard_map`, as
-does "adam_spd in shard_map" (the XLA pass) beside it.
+does "adam_spd in shard_map" (the XLA pass) beside it. A variant the
+library cannot build (no Pallas first pass, an option it no longer has) is
+skipped with a note, not compiled.
+
+``spd_optax`` is whichever one Python imports first (PYTHONPATH, then an
+installed one, then this checkout's), so one copy of this script can
+compile two versions of the library:
+
+  PYTHONPATH=/path/to/old/checkout python benchmarks/aot.py --target tpu \
+      --sets llama_1b_x16_stacked llama_1b_x16 --json before.json
 """
 
 import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -77,10 +89,13 @@ import optax
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import optimizer_step  # noqa: E402
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# PYTHONPATH's or the installed library before this checkout's.
+if importlib.util.find_spec("spd_optax") is None:
+  sys.path.insert(0, str(_ROOT))
 import spd_optax  # noqa: E402
-from spd_optax import sums  # noqa: E402
+sys.path.insert(0, str(_ROOT))  # this script's own benchmarks/
+from benchmarks import optimizer_step  # noqa: E402
 
 DISCLAIMER = ("compiler counts and estimates from compile-only builds, not "
               "timings: nothing ran on an accelerator")
@@ -112,7 +127,9 @@ def vit_blocks(n: int = 2) -> dict[str, tuple[int, ...]]:
 
 # Two blocks of each model (and the same two stacked): every leaf shape of
 # the models' blocks, at a fraction of the compile time. The whole models
-# are there too, for a target that compiles fast.
+# are there too, for a target that compiles fast, and all the blocks of
+# each at full depth (LLaMA-1B's 16, 0.81B; ViT-B/16's 12, 85M) without the
+# embeddings and head.
 SETS = {
     "vit_block": (vit_blocks, False),
     "vit_block_stacked": (vit_blocks, True),
@@ -122,6 +139,10 @@ SETS = {
     "vit_b16_stacked": (optimizer_step.vit_b16_shapes, True),
     "llama_1b": (optimizer_step.llama_1b_shapes, False),
     "llama_1b_stacked": (optimizer_step.llama_1b_shapes, True),
+    "vit_b16_x12": (functools.partial(vit_blocks, 12), False),
+    "vit_b16_x12_stacked": (functools.partial(vit_blocks, 12), True),
+    "llama_1b_x16": (functools.partial(llama_blocks, 16), False),
+    "llama_1b_x16_stacked": (functools.partial(llama_blocks, 16), True),
 }
 DEFAULT_SETS = ["vit_block", "vit_block_stacked", "llama_block", "llama_block_stacked"]
 
@@ -195,53 +216,80 @@ def naive_spd(lr, weight_decay):
 
 def pallas_adam_spd(lr, **kw):
   """adam_spd with its first pass from the Pallas kernels, from wherever the
-  library keeps them (spd_optax.experimental since the consolidation)."""
+  library keeps them (spd_optax.experimental since the consolidation).
+  Raises `Unavailable` where the library has none."""
   try:
-    return spd_optax.experimental.adam_spd(lr, **kw)
-  except AttributeError:
+    experimental = importlib.import_module("spd_optax.experimental")
+  except ImportError:
+    experimental = None
+  if experimental is not None and hasattr(experimental, "adam_spd"):
+    return experimental.adam_spd(lr, **kw)
+  try:
     return spd_optax.adam_spd(lr, first_pass="pallas", **kw)
+  except TypeError as e:
+    raise Unavailable(f"no Pallas first pass in this spd_optax ({e})") from e
 
 
-def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None):
+class Unavailable(Exception):
+  """An optimizer variant the library being compiled cannot build."""
+
+
+def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=None):
   """name -> optimizer for one set (`layer_axes` None when unstacked). With
   `param_specs` (a sharded target's), a name ending in "in shard_map" is
   compiled inside `jax.shard_map` over the target's mesh (hand-written
   FSDP×TP, SPD's sums added over the axes splitting each leaf): where a
   Pallas kernel runs on a sharded step, with the XLA pass there too for a
-  like-for-like comparison."""
-  out = {
-      "optax.adamw": optax.adamw(lr, weight_decay=0.1),
-      "optax.adam": optax.adam(lr),
-      "naive SPD": naive_spd(lr, 1.0),
-      "adam_spd": spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
-  }
+  like-for-like comparison. Only the names in `only` if given; a variant
+  the library cannot build (an option it does not have) maps to an
+  `Unavailable` instead of an optimizer."""
   spd = lambda **kw: spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
   pallas = lambda **kw: pallas_adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
-  out["adam_spd rows_l1"] = spd(norm="rows_l1")
-  out["adam_spd zeros anchor"] = spd(anchor="zeros")
-  out["adam_spd bf16 anchor"] = spd(anchor_dtype=jnp.bfloat16)
+  make = {
+      "optax.adamw": lambda: optax.adamw(lr, weight_decay=0.1),
+      "optax.adam": lambda: optax.adam(lr),
+      "naive SPD": lambda: naive_spd(lr, 1.0),
+      "adam_spd": spd,
+      "adam_spd rows_l1": lambda: spd(norm="rows_l1"),
+      "adam_spd zeros anchor": lambda: spd(anchor="zeros"),
+      "adam_spd bf16 anchor": lambda: spd(anchor_dtype=jnp.bfloat16),
+  }
   if param_specs is not None:
-    out["adam_spd in shard_map"] = spd(param_specs=param_specs)
-    out["adam_spd pallas in shard_map"] = pallas(param_specs=param_specs)
+    make["adam_spd in shard_map"] = lambda: spd(param_specs=param_specs)
+    make["adam_spd pallas in shard_map"] = lambda: pallas(param_specs=param_specs)
   else:
-    out["adam_spd pallas"] = pallas()
+    make["adam_spd pallas"] = pallas
   if layer_axes is not None:
-    del out["naive SPD"]  # its sums are per leaf, not per layer
+    del make["naive SPD"]  # its sums are per leaf, not per layer
   if host_anchor:
-    out["adam_spd host-anchor"] = spd_optax.adam_spd(
-        lr, weight_decay=1.0, layer_axes=layer_axes, anchor_on_host=True)
+    make["adam_spd host-anchor"] = lambda: spd(anchor_on_host=True)
+  out = {}
+  for name, f in make.items():
+    if only and name not in only:
+      continue
+    try:
+      out[name] = f()
+    except Unavailable as e:
+      out[name] = e
+    except (TypeError, ValueError, AttributeError, ImportError) as e:
+      out[name] = Unavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
   return out
 
 
 # --------------------------------------------------------------------------
 # Candidate formulations, compiled in place of the library's: each names the
-# attributes of spd_optax.sums it replaces (benchmarks/NOTES.md).
+# attributes of spd_optax.sums it replaces (benchmarks/NOTES.md). That
+# module is private and imported only when a candidate is compiled.
+
+
+def _sums():
+  return importlib.import_module("spd_optax.sums")
 
 
 def _sums_two_stage(g, d, u, axes):
   """The sums over all but the last reduced axis first, then the last."""
   if len(axes) < 2:
-    return sums.frobenius_plain(g, d, u, axes)
+    return _sums().frobenius_plain(g, d, u, axes)
   first, last = axes[:-1], axes[-1] - len(axes[:-1])
   part = lambda x: jax.lax.optimization_barrier(jnp.sum(x, axis=first))
   return tuple(jnp.sum(part(x), axis=last) for x in (g * d, d * d, u * (2 * d + u)))
@@ -249,13 +297,16 @@ def _sums_two_stage(g, d, u, axes):
 
 CANDIDATES: dict[str, dict] = {
     # v0.1's one variadic reduction of four sums, on every backend.
-    "variadic": {"frobenius": lambda g, d, u, axes: sums.frobenius_cpu(g, d, u, axes)},
+    "variadic": {"frobenius": lambda g, d, u, axes: _sums().frobenius_cpu(g, d, u, axes)},
     "two-stage sums": {"frobenius": _sums_two_stage},
 }
 
 
 @contextlib.contextmanager
 def patched(module, **attrs):
+  if not attrs:  # nothing to patch: `module` may be None
+    yield
+    return
   old = {k: getattr(module, k) for k in attrs}
   for k, v in attrs.items():
     setattr(module, k, v)
@@ -536,10 +587,15 @@ def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
   n = sum(int(np.prod(s)) for s in shapes.values())
   txs = optimizers(layer_axes, host_anchor=target.host_anchor,
                    param_specs=param_specs(shapes, layer_axes, target)
-                   if target.sharded else None)
+                   if target.sharded else None, only=only)
   result = {"params": n, "leaves": len(shapes),
             "layout": "sharded FSDP×TP" if target.sharded else "unsharded",
             "optimizers": {}}
+  for name, tx in list(txs.items()):
+    if isinstance(tx, Unavailable):
+      del txs[name]
+      result.setdefault("skipped", {})[name] = str(tx)
+      print(f"  {name}: skipped, {tx}", flush=True)
   todo = [(name, tx, {}) for name, tx in txs.items()]
   for cand in candidates:
     todo.append((f"adam_spd [{cand}]", spd_optax.adam_spd(
@@ -549,7 +605,13 @@ def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
       continue
     tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{target.name}_{set_name}_{name}")
     hlo = None if hlo_dir is None else hlo_dir / f"{tag}.hlo.txt"
-    with patched(sums, **patch):
+    try:  # a candidate needs the library's private sums module
+      module = _sums() if patch else None
+    except ImportError as e:
+      result.setdefault("skipped", {})[name] = f"{type(e).__name__}: {e}"
+      print(f"  {name}: skipped, {e}", flush=True)
+      continue
+    with patched(module, **patch):
       try:
         r = analyse(tx, shapes, layer_axes, target, dtype, hlo,
                     host_anchor="host-anchor" in name,
@@ -611,7 +673,10 @@ def table(results) -> str:
   return "\n".join(lines)
 
 
-def plan(target_kind, sets):
+TPU_TARGETS = ["v5e:2x2", "v5p:4x4x4", "v5e:1chip"]
+
+
+def plan(target_kind, sets, tpu_targets=TPU_TARGETS):
   """(target, set names) pairs to compile."""
   if target_kind == "tpu":
     # Sharded v5e:2x2 for every set (with the host-anchor variants: the
@@ -620,8 +685,10 @@ def plan(target_kind, sets):
     v5e = tpu_target("v5e:2x2", (2, 2))
     v5e.host_anchor = True
     llama = [s for s in sets if s.startswith("llama")]
-    return [(v5e, sets), (tpu_target("v5p:4x4x4", (16, 4)), llama),
-            (tpu_target("v5e:2x2", (1, 1)), llama)]
+    out = {"v5e:2x2": lambda: (v5e, sets),
+           "v5p:4x4x4": lambda: (tpu_target("v5p:4x4x4", (16, 4)), llama),
+           "v5e:1chip": lambda: (tpu_target("v5e:2x2", (1, 1)), llama)}
+    return [out[t]() for t in TPU_TARGETS if t in tpu_targets]
   if target_kind == "cpu":
     one = cpu_target((1, 1))
     one.host_anchor = True  # pinned_host on XLA:CPU from jax 0.10.2
@@ -637,6 +704,8 @@ def main(argv=None):
   parser.add_argument("--sets", nargs="+", choices=SETS, default=DEFAULT_SETS)
   parser.add_argument("--optimizers", nargs="+", default=None,
                       help="compile only these (default: all)")
+  parser.add_argument("--tpu-targets", nargs="+", choices=TPU_TARGETS, default=TPU_TARGETS,
+                      help="--target tpu: the slices to compile for (default: all)")
   parser.add_argument("--candidates", nargs="*", default=[], choices=list(CANDIDATES))
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--json", default=None,
@@ -659,12 +728,17 @@ def main(argv=None):
   out = pathlib.Path(args.json or f"benchmarks/results/aot_{args.target}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None
+  library = pathlib.Path(spd_optax.__file__).parent
+  library_commit = os.popen(f"git -C '{library}' rev-parse --short HEAD 2>/dev/null"
+                            ).read().strip() or None
+  if library_commit and os.popen(f"git -C '{library}' status --porcelain -- . 2>/dev/null").read():
+    library_commit += " (with uncommitted changes)"
   results = {"note": DISCLAIMER, "kind": "compile-only", "target": args.target,
              "jax": jax.__version__, "python": platform.python_version(),
-             "commit": commit, "library": str(pathlib.Path(spd_optax.__file__).parent),
+             "commit": commit, "library": str(library), "library_commit": library_commit,
              "dtype": args.dtype, "targets": {}}
   print(f"Compile-only, {args.target}: {DISCLAIMER}. jax {jax.__version__}, {args.dtype}.")
-  for target, sets in plan(args.target, args.sets):
+  for target, sets in plan(args.target, args.sets, args.tpu_targets):
     for s in sets:
       print(f"{target.name}, {s}:", flush=True)
       results["targets"].setdefault(target.name, {})[s] = run_set(

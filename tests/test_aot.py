@@ -48,13 +48,14 @@ def test_adam_spd_is_two_passes_without_copies(v5e, layout):
   r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes,
                   layer_axes, v5e, jnp.float32)
   # Two passes over the leaf's data. The per-layer values take a few small
-  # fusions besides: 1 here for the six one-layer leaves (scalars, computed
-  # per leaf), 6 for the three stacked leaves, whose values are computed
-  # together (13 when each stacked leaf computed its own;
-  # benchmarks/NOTES.md). Fewer is better.
+  # fusions besides: 1 here for the six one-layer leaves (scalars), 3 for
+  # each of the three stacked leaves ([L] arrays). Computing the stacked
+  # leaves' values together took 6, which at full depth (LLaMA-1B, 16
+  # blocks stacked) changed XLA:TPU's estimate of the step by 0.17%
+  # (benchmarks/results/redesign). Fewer is better.
   assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
   small = r["kernels"].get("small fusion", 0)
-  assert small <= (1 if layout == "unstacked" else 6), r["kernels"]
+  assert small <= (1 if layout == "unstacked" else 9), r["kernels"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   # Pass 1 reads g, θ, θ_0, m, v and writes m, v; pass 2 reads θ, θ_0, m, v
   # (or u) and writes θ: 12 words, the floor for an update that
@@ -93,35 +94,26 @@ def test_host_anchor_lowers_the_device_peak(v5e, layout):
 
 
 @pytest.mark.parametrize("layout", ["unstacked", "stacked"])
-def test_pallas_first_pass_compiles_for_tpu_in_place(v5e, layout):
-  # Mosaic lowers the kernel for XLA:TPU; inside shard_map (hand-written
-  # FSDP×TP, sums added over both axes) each device runs it on its part.
-  # The new moments overwrite the donated old ones: no copies, 12 words.
+def test_in_shard_map_the_step_is_still_two_passes(v5e, layout):
+  # Hand-written FSDP×TP: inside shard_map each device runs both passes on
+  # its part, SPD's sums added over the axes splitting each leaf. The same
+  # 12 words and no copies as under jit.
   shapes, layer_axes = sets()[layout]
   specs = aot.param_specs(shapes, layer_axes, v5e)
-  tx = spd_optax.experimental.adam_spd(1e-3, layer_axes=layer_axes, param_specs=specs)
+  tx = spd_optax.adam_spd(1e-3, layer_axes=layer_axes, param_specs=specs)
   r = aot.analyse(tx, shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
-  # One kernel per matrix (a norm's part per device is not a TPU tile: XLA's).
-  matrices = sum(len(s) - (layer_axes is not None and layer_axes[k] is not None) == 2
-                 for k, s in shapes.items())
-  assert r["kernels"].get("custom-call", 0) == matrices > 0, r["kernels"]
-  assert r["kernels_without_estimate"] == r["kernels"]["custom-call"]
+  assert r["large_fusions_per_leaf"] <= 2, r["kernels"]
   assert r["param_sized_copies"] == 0, r["kernels"]
   assert r["words_per_param"] < 12.1
-  xla = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes,
-                                       param_specs=specs),
-                    shapes, layer_axes, v5e, jnp.float32, in_shard_map=True)
-  assert r["arrays_in"] == xla["arrays_in"] and r["arrays_out"] == xla["arrays_out"]
 
 
-def test_pallas_first_pass_compiles_for_tpu_on_an_explicit_mesh(v5e):
-  # Under a plain jit on a mesh with Explicit axes (jax.make_mesh's default)
-  # the step runs each leaf's kernel per device itself.
+def test_on_an_explicit_mesh_the_step_is_still_two_passes(v5e):
+  # jax.make_mesh's default axis type: the per-layer values are resharded to
+  # replicated at each step, which must not copy a leaf.
   from jax.sharding import AxisType, Mesh
   explicit = aot.Target("v5e:2x2 explicit", Mesh(v5e.mesh.devices, v5e.mesh.axis_names,
                                                   axis_types=(AxisType.Explicit,) * 2), "tpu")
   shapes, layer_axes = sets()["stacked"]
-  tx = spd_optax.experimental.adam_spd(1e-3, layer_axes=layer_axes)
-  r = aot.analyse(tx, shapes, layer_axes, explicit, jnp.float32)
-  assert r["kernels"].get("custom-call", 0) == 2, r["kernels"]  # the two matrices
+  r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes, layer_axes,
+                  explicit, jnp.float32)
   assert r["param_sized_copies"] == 0 and r["words_per_param"] < 12.1, r["kernels"]
