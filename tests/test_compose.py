@@ -13,6 +13,25 @@ import spd_optax
 from test_transform import _grads_like, _params, _run, _spd_numpy
 
 
+def _steps_against_numpy(tx, inner, params, grad_fn, lam, steps):
+  """Runs `tx` (SPD around `inner`) checking each step against one float64
+  NumPy SPD step per leaf around `inner`'s own update, and its inner state
+  against `inner`'s bit for bit. Returns (state, params, decays seen)."""
+  state, p, decayed = tx.init(params), params, 0
+  for t in range(steps):
+    g = grad_fn(p, t)
+    inner_updates, inner_state = inner.update(g, state.inner_state, p)
+    updates, state = tx.update(g, state, p)
+    chex.assert_trees_all_equal(state.inner_state, inner_state)
+    for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates, updates))):
+      want, _, ratio = _spd_numpy(x, a, gx, ux, lam)
+      np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
+                                 rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+      decayed += ratio > 0
+    p = optax.apply_updates(p, updates)
+  return state, p, decayed
+
+
 def test_chain_with_clipping_and_schedule():
   # Every step against SPD restated in NumPy around the update the inner
   # chain gives from the same state; SPD passes that state through.
@@ -20,18 +39,8 @@ def test_chain_with_clipping_and_schedule():
   inner = optax.chain(optax.clip_by_global_norm(0.5),
                       optax.lion(optax.cosine_decay_schedule(1e-2, 10)))
   tx = spd_optax.selective_projection_decay(inner, 0.5)
-  state, p, decayed = tx.init(params), params, 0
-  for t in range(6):
-    g = _grads_like(params, 1 + t)
-    inner_updates, inner_state = inner.update(g, state.inner_state, p)
-    updates, state = tx.update(g, state, p)
-    chex.assert_trees_all_equal(state.inner_state, inner_state)
-    for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates, updates))):
-      want, _, ratio = _spd_numpy(x, a, gx, ux, 0.5)
-      np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
-                                 rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
-      decayed += ratio > 0
-    p = optax.apply_updates(p, updates)
+  state, _, decayed = _steps_against_numpy(
+      tx, inner, params, lambda p, t: _grads_like(params, 1 + t), 0.5, 6)
   assert int(state.count) == 6 and decayed > 0
   # outer chain: SPD sees the clipped gradients, and its state is found through it
   outer = optax.chain(optax.clip(1.0), spd_optax.adam_spd(1e-2))
@@ -386,19 +395,8 @@ def test_schedule_free_inner_sequence_is_not_decayed():
       jax.tree.leaves(p), jax.tree.leaves(target))))
   inner = optax.contrib.schedule_free_sgd(0.5)
   tx = spd_optax.selective_projection_decay(inner, weight_decay=1.0)
-  state, p, decayed = tx.init(params), params, 0
-  for t in range(8):
-    g = grad(p)
-    inner_updates, inner_state = inner.update(g, state.inner_state, p)
-    updates, state = tx.update(g, state, p)
-    # z (and the rest of the inner state) is the inner optimizer's, bit for bit
-    chex.assert_trees_all_equal(state.inner_state, inner_state)
-    for x, a, gx, ux, got in zip(*map(jax.tree.leaves, (p, params, g, inner_updates, updates))):
-      want, _, ratio = _spd_numpy(x, a, gx, ux, 1.0)
-      np.testing.assert_allclose(np.asarray(x, np.float64) + np.asarray(got), want,
-                                 rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
-      decayed += ratio > 0
-    p = optax.apply_updates(p, updates)
+  # z (and the rest of the inner state) stays the inner optimizer's, bit for bit
+  state, p, decayed = _steps_against_numpy(tx, inner, params, lambda p, t: grad(p), 1.0, 8)
   assert decayed > 0  # SPD did act on the params
   # The inner state's fields read through SPDState, as schedule-free's
   # evaluation params need them.
