@@ -196,9 +196,8 @@ def _init(inner, opts, anchor, anchor_dtype, on_host, params) -> SPDState:
   zeros = lambda p, r: sharding.like_params(
       jnp.zeros(r.layer_shape, projection.acc_dtype(jnp.result_type(p))), params_l)
   # With nnx Variables as leaves, so the per-layer values take none of a
-  # param's metadata (its sharding names are not theirs).
-  # Three trees of their own buffers: one buffer in three fields cannot be
-  # donated to a step that reads them.
+  # param's metadata (its sharding names are not theirs); three trees of
+  # their own buffers, as one buffer in three fields cannot be donated.
   values = [jax.tree.structure(params, is_leaf=options_lib.is_variable).unflatten(
       per_leaf(zeros)) for _ in range(3)]
   return SPDState(sharding.like_params(jnp.zeros((), jnp.int32), params_l),
@@ -222,7 +221,7 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
     if on_host:
       # Tied to the previous leaf's update, so XLA cannot start this leaf's
       # work (and hold its anchor) before that one's is done.
-      a = sharding.anchor_to_device(a, after=None if previous is None else out[previous])
+      a = sharding.anchor_to_device(a, after=previous)
     out[i], condition, ratio, deviation = projection.project(
         grads_l[i], params_l[i], a, out[i], leaf.strength, leaf.axes, opts.norm,
         leaf.psum_axes, leaf.layer_split)
@@ -231,6 +230,6 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
     # A layer whose gradient is not finite (a step that optax.apply_if_finite
     # inside SPD rejects) keeps its condition: the state stores no NaN.
     new[0][i] = jnp.where(jnp.isfinite(new[0][i]), new[0][i], held[0][i])
-    previous = i
+    previous = out[i]
   return treedef.unflatten(out), SPDState(optax.safe_increment(state.count), inner_state,
                                          state.anchor, *map(per_leaf.unflatten, new))
