@@ -116,8 +116,16 @@ def test_orbax_refuses_a_target_with_other_layer_axes(tmp_path):
   other = _tx(layer_axes={"sa": None, "sb": 0, "head": None})
   target = jax.eval_shape(other.init, _params())
   assert sum(np.size(x) for x in jax.tree.leaves(target.condition)) == 3
-  with ocp.CheckpointManager(tmp_path) as mngr, pytest.raises(Exception, match="shape"):
-    mngr.restore(4, args=ocp.args.StandardRestore(target))
+  with ocp.CheckpointManager(tmp_path) as mngr:
+    try:
+      restored = mngr.restore(4, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # Orbax 0.12 checks the target's shapes
+      assert "shape" in str(e)
+    else:  # Orbax 0.11 restores the saved shapes; the next step refuses them
+      assert restored.condition["sa"].shape == (2,) and restored.condition["sb"].shape == ()
+      with pytest.raises(ValueError, match=r"params\['sa'\]: layer_axes give per-layer "
+                         r"shape \(\) at update, but the state made at init holds \(2,\)"):
+        other.update(params, restored, params)
   with ocp.CheckpointManager(tmp_path) as mngr:  # the same target restores exactly
     chex.assert_trees_all_equal(
         mngr.restore(4, args=ocp.args.StandardRestore(jax.eval_shape(_tx().init, params))),
