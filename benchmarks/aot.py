@@ -735,7 +735,7 @@ def main(argv=None):
     library_commit += " (with uncommitted changes)"
   results = {"note": DISCLAIMER, "kind": "compile-only", "target": args.target,
              "jax": jax.__version__, "python": platform.python_version(),
-             "commit": commit, "library": str(library), "library_commit": library_commit,
+             "commit": commit, "library_commit": library_commit,
              "dtype": args.dtype, "targets": {}}
   print(f"Compile-only, {args.target}: {DISCLAIMER}. jax {jax.__version__}, {args.dtype}.")
   for target, sets in plan(args.target, args.sets, args.tpu_targets):
