@@ -71,14 +71,15 @@ def layer_axes_from_names(tree: Any, name: str = "layers") -> Any:
     ValueError: if no param carries `name`: the model does not say which
       axes are layers, so write `layer_axes` by hand (e.g. ``{"blocks": 0}``).
   """
-  def axes(x):
-    names = _names(x) if _is_named(x) else None
-    found = tuple(i for i, n in enumerate(names or ())
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)
+  names = [_names(x) if _is_named(x) else None for _, x in flat]
+
+  def axes(leaf_names):
+    found = tuple(i for i, n in enumerate(leaf_names or ())
                   if n == name or (isinstance(n, tuple) and name in n))
     return None if not found else found[0] if len(found) == 1 else found
 
-  out = jax.tree.map(axes, tree, is_leaf=_is_named)
-  found = jax.tree.leaves(out, is_leaf=options.is_axes_entry)
+  found = [axes(n) for n in names]
   if all(a is None for a in found):
     raise ValueError(
         f"no param carries the partition name {name!r}: scan the blocks with "
@@ -89,23 +90,21 @@ def layer_axes_from_names(tree: Any, name: str = "layers") -> Any:
   # A param the scan stacked but made without names (a bias, a norm) says
   # nothing, and would silently be one layer: warn where its leading axis
   # has the length of the layer axes found.
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_named)[0]
   shape = lambda x: np.shape(options.unwrap(x) if options.is_variable(x)
                             else getattr(x, "value", x))  # a linen box's
-  stacked = {shape(x)[a] for (_, x), axes in zip(flat, found) if axes is not None
-             for a in (axes if isinstance(axes, tuple) else (axes,))
-             if not isinstance(x, jax.sharding.PartitionSpec)}
-  unnamed = [jax.tree_util.keystr(p) for (p, x), axes in zip(flat, found)
-             if axes is None and (_names(x) if _is_named(x) else None) is None
-             and not isinstance(x, jax.sharding.PartitionSpec)
-             and shape(x) and shape(x)[0] in stacked]
+  arrays = [not isinstance(x, jax.sharding.PartitionSpec) for _, x in flat]
+  stacked = {shape(x)[a] for (_, x), axes_, array in zip(flat, found, arrays)
+             if axes_ is not None and array
+             for a in (axes_ if isinstance(axes_, tuple) else (axes_,))}
+  unnamed = [jax.tree_util.keystr(p) for (p, x), n, array in zip(flat, names, arrays)
+             if n is None and array and shape(x) and shape(x)[0] in stacked]
   if unnamed:
     warnings.warn(
         f"params {unnamed} carry no partition names, and their first axis has the "
         f"length of the layer axis {name!r} found on others: if the scan stacks "
         "them, they are taken as one layer here. Give them names "
         "(with_partitioning), or set their layer_axes by hand.", stacklevel=2)
-  return out
+  return treedef.unflatten(found)
 
 
 def depth_scaled(

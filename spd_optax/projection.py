@@ -31,7 +31,6 @@ from jax import lax
 
 from spd_optax import sharding
 
-NORMS = ("frobenius", "rows_l1")
 # Added to every row's L1 norm, as the authors' "mars" norm adds it: it keeps
 # the ratio's denominator positive, so a row that has not moved gets r = 0.
 ROW_NORM_EPS = 1e-8

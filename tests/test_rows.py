@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import spd_optax
+from spd_optax import options
 from spd_optax import projection
 from test_layers import PREFIX, assert_equivalent
 
@@ -164,7 +165,7 @@ def test_differs_from_frobenius():
   rng = np.random.default_rng(1)
   params = {"w": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
   out = {}
-  for norm in projection.NORMS:
+  for norm in options.NORMS:
     tx = spd_optax.selective_projection_decay(optax.sgd(0.05, momentum=0.9), 1.0,
                                               norm=norm)
     p, state = params, tx.init(params)
