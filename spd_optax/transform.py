@@ -221,7 +221,8 @@ def _update(inner, opts, on_host, updates, state, params=None, **extra_args):
     if on_host:
       # Tied to the previous leaf's update, so XLA cannot start this leaf's
       # work (and hold its anchor) before that one's is done.
-      a = sharding.anchor_to_device(a, after=previous)
+      a = sharding.anchor_to_device(a, after=previous, layer_axis=(
+          leaf.axes[0] if leaf.axes and not leaf.layer_split else None))
     out[i], condition, ratio, deviation = projection.project(
         grads_l[i], params_l[i], a, out[i], leaf.strength, leaf.axes, opts.norm,
         leaf.psum_axes, leaf.layer_split)

@@ -146,6 +146,37 @@ def test_anchor_on_host():
   assert {a.sharding.memory_kind for a in jax.tree.leaves(s.anchor)} == {"pinned_host"}
 
 
+@pytest.mark.needs_host_memory
+@pytest.mark.parametrize("norm", ["frobenius", "rows_l1"])
+def test_a_host_anchor_gives_the_device_anchors_numbers(norm):
+  # Stacked leaves move their host anchor in layer by layer (along their
+  # first layer axis, 0 or not); one-layer leaves whole. Bit for bit the
+  # device anchor's params and per-layer values.
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"blocks": jax.random.normal(k[0], (4, 64, 32)),
+            "heads": jax.random.normal(k[1], (8, 3, 16)), "out": jax.random.normal(k[2], (16, 8))}
+  layer_axes = {"blocks": 0, "heads": (1,), "out": None}
+
+  def run(on_host):
+    tx = spd_optax.adam_spd(0.05, weight_decay=1.0, layer_axes=layer_axes, norm=norm,
+                            anchor_on_host=on_host)
+    def step(p, s, t):  # gradients along the drift: SPD decays
+      g = jax.tree.map(lambda x, x0: 50 * (x - x0) + jnp.sin(x0 * (t + 3)), p, params)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    step = jax.jit(step, donate_argnums=(0, 1))
+    p, s = jax.tree.map(jnp.copy, params), jax.jit(tx.init)(params)
+    for t in range(5):
+      p, s = step(p, s, t)
+    return p, s
+
+  (p_dev, s_dev), (p_host, s_host) = run(False), run(True)
+  assert {a.sharding.memory_kind for a in jax.tree.leaves(s_host.anchor)} == {"pinned_host"}
+  assert float(spd_optax.spd_stats(s_host)["decayed_fraction"]) == 1
+  for x, y in zip(jax.tree.leaves((p_dev, s_dev)), jax.tree.leaves((p_host, s_host))):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
   # A leaf stacking L layers holds [L] values: each layer is one unit, as
   # if the layers were separate leaves.
