@@ -1,4 +1,4 @@
-"""What a bfloat16 anchor changes in a fine-tuning run (hardening 3, item 10).
+"""What a bfloat16 anchor changes in a fine-tuning run.
 
 ``anchor_dtype=jnp.bfloat16`` stores θ_0 rounded. At step 1, θ_{t-1} is the
 float32 θ_0, so θ_{t-1} - θ_0 is the rounding error, not 0: c_1 can be

@@ -1,4 +1,5 @@
-"""Compile-only counts for issue 19: λ per leaf, and row-wise ("mars") norms.
+"""Compile-only counts of the per-leaf options: λ per leaf, and row-wise
+("mars") norms.
 
 COMPILER COUNTS, NOT TIMINGS (benchmarks/aot.py's tooling and caveats). For
 the block sets it compiles one donated step of

@@ -1,5 +1,5 @@
-"""Issue 20's one script for a lent GPU: the optimizer step measured in one
-process, in at most about 8 minutes on an H200.
+"""The optimizer step on a GPU, measured in one process, in at most about 8
+minutes on an H200.
 
   python -m benchmarks.gpu_check                        # all sets, JSON to benchmarks/results/gpu.json
   python -m benchmarks.gpu_check --budget-s 400         # start no group after ~400 s
@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is not a package p
 from benchmarks import optimizer_step as ostep  # noqa: E402
 import spd_optax  # noqa: E402
 
-# The issue's two targets first (llama_1b <= 1.3x, vit_b16 <= 1.5x adamw), then
+# The two targets first (llama_1b <= 1.3x, vit_b16 <= 1.5x adamw), then
 # the stacked sets (no slower than unstacked), so a short budget drops those.
 ORDER = ["vit_b16", "llama_1b", "vit_b16_stacked", "llama_1b_stacked"]
 

@@ -85,7 +85,7 @@ SETS = {"vit_b16": vit_b16_shapes, "llama_1b": llama_1b_shapes,
 
 def naive_spd(lr, weight_decay):
   """SPD written the obvious way (as in the reference, per leaf, norms and
-  the condition as separate reductions), for comparison: SPD.md's "naive".
+  the condition as separate reductions), for comparison.
   The state is (adam state, anchor)."""
   adam = optax.adam(lr)
 

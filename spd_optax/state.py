@@ -57,7 +57,7 @@ def spd_state(state) -> SPDState:
 
 
 def spd_stats(state) -> dict[str, jax.Array]:
-  """A few scalars worth logging every few steps, from the last step's SPD.
+  r"""A few scalars worth logging every few steps, from the last step's SPD.
 
   The unit is a layer: an SPD leaf, or one index along the ``layer_axes``
   of a leaf stacking layers (a leaf of L stacked blocks counts as L units,
@@ -65,12 +65,12 @@ def spd_stats(state) -> dict[str, jax.Array]:
   (jit-friendly, no host transfer):
 
   - ``decayed_fraction``: share of units SPD pulled back at the last step
-    (applied ratio r_t > 0). Zero for a long time means SPD is not acting:
+    (applied ratio $r_t > 0$). Zero for a long time means SPD is not acting:
     λ may be too small to matter or the run is still early.
-  - ``mean_ratio``: mean over units of the applied ratio r_t (0 wherever no
+  - ``mean_ratio``: mean over units of the applied ratio $r_t$ (0 wherever no
     decay was applied).
-  - ``deviation``: ‖θ - θ_0‖ over all SPD leaves after the last step; with
-    the zero anchor, the norm of the adapters.
+  - ``deviation``: $\|\theta_t - \theta_0\|$ over all SPD leaves after the
+    last step; with the zero anchor, the norm of the adapters.
 
   For an ensemble (states stacked along a leading axis), call it inside
   `jax.vmap`, which gives each member's.

@@ -30,7 +30,7 @@ class SPDState(NamedTuple):
       `optax.apply_if_finite`, a rejected step is not counted; with SPD
       outside it, it is (SPD saw the step).
     inner_state: the base optimizer's state.
-    anchor: θ_0 per leaf; None for the zero anchor, which stores nothing.
+    anchor: $\\theta_0$ per leaf; None for the zero anchor, which stores nothing.
     condition: per layer, $c_t = -\\langle g_t, \\theta_{t-1} - \\theta_0
       \\rangle$ of the last step (a layer whose gradient was not finite
       keeps its previous value).
@@ -83,7 +83,7 @@ def selective_projection_decay(
   $$
 
   $\lambda$ is not multiplied by the learning rate. The edge cases and the
-  authors' later variants are on the [algorithm page](algorithm.md).
+  authors' later variants are on the [algorithm page][the-algorithm].
 
   Around optimizers that keep a second sequence of iterates (e.g.
   `optax.contrib.schedule_free`), SPD decays the params; z is not decayed.
@@ -113,8 +113,8 @@ def selective_projection_decay(
       shape for every leaf. A concrete bad value is refused; a traced or
       scheduled value below 0 acts as 0, and NaN makes the updates NaN.
     anchor: ``"params"`` copies the params given to ``init`` (full
-      fine-tuning); ``"zeros"`` uses θ_0 = 0 and stores nothing (LoRA and
-      other adapters). To anchor elsewhere, see `spd_optax.set_anchor`.
+      fine-tuning); ``"zeros"`` uses $\theta_0 = 0$ and stores nothing (LoRA
+      and other adapters). To anchor elsewhere, see `spd_optax.set_anchor`.
     mask: bools in a tree like params or a prefix of it, or a function of
       params returning one. Leaves marked False (a new head, norms, biases)
       get the inner update unchanged and store no anchor.

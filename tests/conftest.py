@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("PJRT_NPROC", "16")
 # libtpu (the aot extra's, for tests/test_aot.py's compile-only TPU checks)
 # must not claim a TPU where there is none, and several test processes may
-# load it. Where a CUDA plugin is installed (a lent GPU machine), jax keeps
+# load it. Where a CUDA plugin is installed (a GPU machine), jax keeps
 # its own choice of backend.
 import importlib.util  # noqa: E402
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -120,7 +120,7 @@ def test_spd_acts_per_block(spd_run_8):
   assert ratio.shape == (len(full_finetune.MATRICES), SMOKE.n_layers)  # per matrix, per block
   assert np.asarray(hist[-1]["block_deviation"]).shape == ratio.shape
   assert all(np.isfinite(v) for k, v in row.items() if k.endswith("_ppl"))
-  # Step 1 starts at θ0: c = 0, nothing decayed (SPD.md), but later steps move.
+  # Step 1 starts at θ0: c = 0, nothing decayed, but later steps move.
   assert hist[0]["decayed_fraction"] == 0.0
   assert row["deviation"] > 0
 

@@ -145,11 +145,10 @@ def test_llm_figure_and_the_shared_palette(figures):
       assert study.COLORS[key] == common.METHOD_COLORS[name]
 
 
-def test_doc_figures_redraw_from_the_pages_tables(tmp_path, monkeypatch):
+def test_doc_figures_redraw_from_the_linked_results(tmp_path, monkeypatch):
   import shutil
   from examples import redraw_doc_figures
-  for page in ("vit.md", "llm.md"):
-    shutil.copy(redraw_doc_figures.DOCS / page, tmp_path)
+  shutil.copytree(redraw_doc_figures.DOCS / "results", tmp_path / "results")
   monkeypatch.setattr(redraw_doc_figures, "DOCS", tmp_path)
   redraw_doc_figures.main()
   drawn = sorted(p.name for p in tmp_path.glob("*.png"))

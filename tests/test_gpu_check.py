@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py, issue 20's script for a lent GPU, runs end to end
+"""benchmarks/gpu_check.py, the optimizer step measured on a GPU, runs end to end
 with tiny shapes on the CPU and writes every section of its JSON; its trace
 summary reads GPU-shaped events (timings are not tested: see NOTES.md)."""
 

@@ -44,7 +44,7 @@ PRESETS = {
     "cpu": FullConfig(seq_len=32, batch_size=16, eval_batch_size=64, eval_windows=16,
                       steps=16, warmup_steps=2, adamw_weight_decay=(0.1, 1.0),
                       seeds=(0, 1), log_every=2, checkpoint_every=8),
-    # The GPU issue's run, not yet made: longer windows and training, strength
+    # For an accelerator (not run yet): longer windows and training, strength
     # grids for both methods selected on validation, three seeds.
     "gpu": FullConfig(seq_len=256, batch_size=32, eval_batch_size=32, eval_windows=256,
                       steps=1500, learning_rate=2e-5, warmup_steps=50,

@@ -209,7 +209,8 @@ def plot_heatmap(history, path, title):
   ratio = np.stack([np.asarray(h["ratio"]) for h in history if "ratio" in h])  # [T, 7, L]
   pulled = (ratio > 0).sum(1).T                     # [L, T]
   mean_ratio = ratio.mean(1).T
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharey=True)
+  # Panels stacked, so that the figure keeps its size in a docs column.
+  fig, axes = plt.subplots(2, 1, figsize=(5.5, 9.3), sharex=True)
   for ax, values, label, cmap, vmax in [
       (axes[0], pulled, f"matrices pulled back (of {ratio.shape[1]})", "Reds", ratio.shape[1]),
       (axes[1], mean_ratio, "mean applied ratio r_t", "viridis", max(mean_ratio.max(), 1e-9))]:
@@ -219,8 +220,9 @@ def plot_heatmap(history, path, title):
                    if len(steps) > 1 else None)
     ax.set_xlabel("step (logged)")
     fig.colorbar(im, ax=ax, label=label)
-  axes[0].set_ylabel("block")
-  axes[0].set_yticks(np.arange(0, pulled.shape[0], max(1, pulled.shape[0] // 10)))
+  for ax in axes:
+    ax.set_ylabel("block")
+    ax.set_yticks(np.arange(0, pulled.shape[0], max(1, pulled.shape[0] // 10)))
   fig.suptitle(title)
   save_figure(fig, path)
 

@@ -239,7 +239,8 @@ def _plt():
 
 def plot_sensitivity(out, path):
   plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+  # Panels stacked, so that the figure keeps its size in a docs column.
+  fig, axes = plt.subplots(3, 1, figsize=(4.4, 12))
   adam = out["grid"]["adam"][0]
   for ax, k, title in zip(axes, ("val", "id", "pydoc"),
                           ("ID validation", "ID test", "general text (pydoc)")):

@@ -51,10 +51,8 @@ PRESETS = {
         n_digits=500, severities=(1, 3, 5), batch_size=16, steps=80,
         learning_rate=3e-5, head_lr_multiplier=10.0, warmup_steps=8, search_seed=0, seeds=(0, 1, 2),
         strengths=_STRENGTHS, eval_batch=250, log_every=10, checkpoint_every=40),
-    # Same recipe at 112px (8x8 patches), all data, more steps and seeds.
-    # 600 steps and 3 corruption severities (a first plan had 1,500 and 5),
-    # to fit a GPU session; its one attempt did not finish (what it measured:
-    # docs/examples/vit.md).
+    # Same recipe at 112px (8x8 patches), all data, more steps and seeds, for
+    # one GPU: about 20 minutes on an H200 (not yet run to the end).
     "gpu": Config(
         image_size=112, num_layers=None, n_train=3500, n_val=500, n_test=1000,
         n_digits=None, severities=(1, 3, 5), batch_size=64, steps=600,

@@ -347,7 +347,8 @@ def _by_method(rows):
 def plot_runs(rows, title, path):
   """Every final run: ID and mean OOD accuracy against the distance moved."""
   plt = pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+  # Panels stacked, so that the figure keeps its size in a docs column.
+  fig, axes = plt.subplots(2, 1, figsize=(6.4, 7.0), sharex=True)
   for ax, key, label in zip(axes, ("id_acc", "ood_mean"),
                             ("ID test accuracy (%)", "mean OOD accuracy (%, all shifted sets)")):
     for method, runs in _by_method(rows).items():
@@ -388,9 +389,9 @@ def plot_shifts(rows, shifts, title, path):
     else:
       others.append(shift)
   panels = list(kinds) + (["other sets"] if others else [])
-  cols = min(3, len(panels))
+  cols = min(2, len(panels))
   nrows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), sharey=True,
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.9 * nrows), sharey=True,
                            squeeze=False)
   methods = _by_method(rows)
   for ax, panel in zip(axes.flat, panels):
@@ -431,7 +432,7 @@ def plot_search(rows, chosen, n_val, title, path):
   against the strength (its own scale per method); the chosen one ringed."""
   plt = pyplot()
   methods = _by_method(rows)
-  fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 5.6), sharex="col",
+  fig, axes = plt.subplots(2, len(methods), figsize=(2.2 * len(methods), 5.4), sharex="col",
                            squeeze=False)
   for col, (method, runs) in enumerate(methods.items()):
     runs = sorted(runs, key=lambda r: r["strength"])
@@ -453,7 +454,7 @@ def plot_search(rows, chosen, n_val, title, path):
     bottom.set_xticks(x, [f"{v:g}" for v in x])
     bottom.minorticks_off()
     bottom.set_xlabel(f"{STRENGTH_NAMES.get(method, 'strength')} (log scale)")
-  axes[0, 0].set_ylabel(f"ID validation accuracy (%)\nbars: 95% over {n_val} images")
+  axes[0, 0].set_ylabel(f"ID val. accuracy (%)\nbars: 95%, {n_val} images")
   axes[1, 0].set_ylabel(DEVIATION.replace(" (", "\n("))
   axes[0, 0].legend(fontsize=8)
   fig.suptitle(f"{title}: strength search (seed {int(rows[0]['seed'])}, chosen on ID validation)",

@@ -80,7 +80,8 @@ def grid_point(run) -> dict:
 def plot_sensitivity(out, n_sets, path):
   """ID-val, ID-test and mean-OOD accuracy against strength, seed 0."""
   plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+  # Panels stacked, so that the figure keeps its size in a docs column.
+  fig, axes = plt.subplots(3, 1, figsize=(4.4, 12), sharex=True)
   adam = grid_point(out["grid"]["adam"][0])
   for ax, (metric, label) in zip(axes, (("val_acc", "ID validation"), ("test", "ID test"),
                                         ("ood_mean", "mean OOD"))):
@@ -162,9 +163,9 @@ def spd_heatmap_matrix(runs) -> tuple[list[str], list[int], np.ndarray]:
 
 
 def plot_layers(out, path):
-  """Left: where SPD pulled back over training. Right: final ‖θ−θ₀‖ per block."""
+  """Top: where SPD pulled back over training. Bottom: final ‖θ−θ₀‖ per block."""
   plt = _plt()
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+  fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7.1, 9.6))
   spd = out["finals"]["spd"]
   blocks, steps, mat = spd_heatmap_matrix(spd)
   im = ax1.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=1,
