@@ -60,13 +60,19 @@ OPTIMIZERS = {
     "zero_anchor": lambda: spd_optax.adam_spd(1e-2, anchor="zeros", layer_axes=LAYER_AXES),
     "around_sgd": lambda: spd_optax.selective_projection_decay(
         optax.sgd(1e-2, momentum=0.9), 0.5, layer_axes=LAYER_AXES),
+    # Stacked leaves bring a host anchor in layer by layer, sharded along
+    # their layer axis or another.
+    "host_anchor": lambda: spd_optax.adam_spd(1e-2, mask=MASK, layer_axes=LAYER_AXES,
+                                              anchor_on_host=True),
 }
+NAMES = [pytest.param(n, marks=pytest.mark.needs_host_memory) if n == "host_anchor" else n
+         for n in sorted(OPTIMIZERS)]
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
                          ids=["explicit", "auto"])
 @pytest.mark.parametrize("set_mesh", [True, False], ids=["set_mesh", "no_set_mesh"])
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", NAMES)
 def test_state_types_survive_update(axis_type, set_mesh, name):
   mesh = mesh_of(axis_type)
   tx = OPTIMIZERS[name]()
@@ -96,7 +102,7 @@ def test_state_types_survive_update(axis_type, set_mesh, name):
       assert step._cache_size() == 1   # one compilation for every step
     stats = spd_optax.spd_stats(state)
     chex.assert_trees_all_close(jax.jit(spd_optax.spd_stats)(state), stats)
-    if name in ("per_layer", "around_sgd"):
+    if name in ("per_layer", "around_sgd", "host_anchor"):
       # These grads turn SPD on around θ_0 = params (not around 0).
       assert float(stats["decayed_fraction"]) > 0
 
