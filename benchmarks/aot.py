@@ -6,9 +6,11 @@ target description (the CUDA plugin) on a CPU-only machine, and what is
 reported is read off the compiler's optimized HLO, its memory analysis and,
 on TPU, its own cost model (``estimated_cycles``).
 
-  # TPU (a venv with jax[tpu]; see ../shared/targets/README.md)
+  # TPU (pip install -e ".[aot]": jax[tpu])
   python benchmarks/aot.py --target tpu
-  # GPU (a venv with jax[cuda13]; run with JAX_PLATFORMS=cpu)
+  # the same sets in a whole training step (forward, backward, optimizer)
+  python benchmarks/aot.py --target tpu --whole-step --sets llama_block llama_1b_x16
+  # GPU (a Python >= 3.12 venv with jax[cuda13], benchmarks/targets/README.md)
   JAX_PLATFORMS=cpu python benchmarks/aot.py --target gpu
   # this machine's XLA:CPU, one device and a (2, 4) mesh of host devices
   python benchmarks/aot.py --target cpu
@@ -42,12 +44,18 @@ computation of the optimized HLO:
 "naive SPD" is optax.adam plus SPD written per leaf as the reference writes
 it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
 "adam_spd host-anchor" keeps the anchor in pinned host memory
-(``anchor_on_host=True``), brought in leaf by leaf. "adam_spd pallas" takes
-its first pass from `spd_optax.experimental` (Pallas), which XLA:TPU's cost model
-gives no estimate; on a sharded slice it runs inside `jax.shard_map`, as
-does "adam_spd in shard_map" (the XLA pass) beside it. A variant the
-library cannot build (no Pallas first pass, an option it no longer has) is
-skipped with a note, not compiled.
+(``anchor_on_host=True``), brought in leaf by leaf (a stacked leaf layer by
+layer, in a loop). "adam_spd in shard_map" is the step inside
+`jax.shard_map` (hand-written FSDP×TP). A variant the library cannot build
+(an option it does not have) is skipped with a note, not compiled.
+
+``--whole-step`` compiles a training step instead: forward, backward and the
+optimizer over the set's blocks (benchmarks/train_step.py), and reports
+each optimizer's estimated cycles and peak against optax.adamw's in the
+same step. XLA:TPU's estimate covers the kernels of the entry computation:
+not the body of a loop (the host anchor's layer-by-layer transfers), and
+no collective (the all-reduces of the gradients and of SPD's sums carry no
+estimate), so the share of a step omits their latency.
 
 ``spd_optax`` is whichever one Python imports first (PYTHONPATH, then an
 installed one, then this checkout's), so one copy of this script can
@@ -59,11 +67,9 @@ compile two versions of the library:
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib
 import importlib.util
 import json
 import os
@@ -73,7 +79,7 @@ import re
 import sys
 import time
 
-# No Python source locations in the lowered modules: a Pallas kernel's
+# No Python source locations in the lowered modules: a custom kernel's
 # serialized Mosaic module carries them inside the HLO, where
 # `hlo_fingerprint` cannot strip them.
 os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
@@ -95,13 +101,12 @@ if importlib.util.find_spec("spd_optax") is None:
   sys.path.insert(0, str(_ROOT))
 import spd_optax  # noqa: E402
 sys.path.insert(0, str(_ROOT))  # this script's own benchmarks/
-from benchmarks import optimizer_step  # noqa: E402
+from benchmarks import optimizer_step, train_step  # noqa: E402
 
 DISCLAIMER = ("compiler counts and estimates from compile-only builds, not "
               "timings: nothing ran on an accelerator")
-# The H100/H200 target descriptions (../shared/targets from the checkout).
-TARGETS_DIR = pathlib.Path(os.environ.get(
-    "AOT_TARGETS_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared" / "targets"))
+# The H100/H200 target descriptions (benchmarks/targets/README.md).
+TARGETS_DIR = pathlib.Path(__file__).resolve().parent / "targets"
 
 # --------------------------------------------------------------------------
 # Parameter sets
@@ -214,37 +219,18 @@ def naive_spd(lr, weight_decay):
   return optimizer_step.naive_spd(lr, weight_decay)
 
 
-def pallas_adam_spd(lr, **kw):
-  """adam_spd with its first pass from the Pallas kernels, from wherever the
-  library keeps them (spd_optax.experimental since the consolidation).
-  Raises `Unavailable` where the library has none."""
-  try:
-    experimental = importlib.import_module("spd_optax.experimental")
-  except ImportError:
-    experimental = None
-  if experimental is not None and hasattr(experimental, "adam_spd"):
-    return experimental.adam_spd(lr, **kw)
-  try:
-    return spd_optax.adam_spd(lr, first_pass="pallas", **kw)
-  except TypeError as e:
-    raise Unavailable(f"no Pallas first pass in this spd_optax ({e})") from e
-
-
 class Unavailable(Exception):
   """An optimizer variant the library being compiled cannot build."""
 
 
 def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=None):
   """name -> optimizer for one set (`layer_axes` None when unstacked). With
-  `param_specs` (a sharded target's), a name ending in "in shard_map" is
-  compiled inside `jax.shard_map` over the target's mesh (hand-written
-  FSDP×TP, SPD's sums added over the axes splitting each leaf): where a
-  Pallas kernel runs on a sharded step, with the XLA pass there too for a
-  like-for-like comparison. Only the names in `only` if given; a variant
-  the library cannot build (an option it does not have) maps to an
-  `Unavailable` instead of an optimizer."""
+  `param_specs` (a sharded target's), "adam_spd in shard_map" is compiled
+  inside `jax.shard_map` over the target's mesh (hand-written FSDP×TP,
+  SPD's sums added over the axes splitting each leaf). Only the names in
+  `only` if given; a variant the library cannot build (an option it does
+  not have) maps to an `Unavailable` instead of an optimizer."""
   spd = lambda **kw: spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
-  pallas = lambda **kw: pallas_adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
   make = {
       "optax.adamw": lambda: optax.adamw(lr, weight_decay=0.1),
       "optax.adam": lambda: optax.adam(lr),
@@ -256,9 +242,6 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=Non
   }
   if param_specs is not None:
     make["adam_spd in shard_map"] = lambda: spd(param_specs=param_specs)
-    make["adam_spd pallas in shard_map"] = lambda: pallas(param_specs=param_specs)
-  else:
-    make["adam_spd pallas"] = pallas
   if layer_axes is not None:
     del make["naive SPD"]  # its sums are per leaf, not per layer
   if host_anchor:
@@ -274,47 +257,6 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=Non
     except (TypeError, ValueError, AttributeError, ImportError) as e:
       out[name] = Unavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
   return out
-
-
-# --------------------------------------------------------------------------
-# Candidate formulations, compiled in place of the library's: each names the
-# attributes of spd_optax.sums it replaces (benchmarks/NOTES.md). That
-# module is private and imported only when a candidate is compiled.
-
-
-def _sums():
-  return importlib.import_module("spd_optax.sums")
-
-
-def _sums_two_stage(g, d, u, axes):
-  """The sums over all but the last reduced axis first, then the last."""
-  if len(axes) < 2:
-    return _sums().frobenius_plain(g, d, u, axes)
-  first, last = axes[:-1], axes[-1] - len(axes[:-1])
-  part = lambda x: jax.lax.optimization_barrier(jnp.sum(x, axis=first))
-  return tuple(jnp.sum(part(x), axis=last) for x in (g * d, d * d, u * (2 * d + u)))
-
-
-CANDIDATES: dict[str, dict] = {
-    # v0.1's one variadic reduction of four sums, on every backend.
-    "variadic": {"frobenius": lambda g, d, u, axes: _sums().frobenius_cpu(g, d, u, axes)},
-    "two-stage sums": {"frobenius": _sums_two_stage},
-}
-
-
-@contextlib.contextmanager
-def patched(module, **attrs):
-  if not attrs:  # nothing to patch: `module` may be None
-    yield
-    return
-  old = {k: getattr(module, k) for k in attrs}
-  for k, v in attrs.items():
-    setattr(module, k, v)
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      setattr(module, k, v)
 
 
 # --------------------------------------------------------------------------
@@ -562,12 +504,16 @@ def compile_step(tx, params, state=None, mesh=None):
 
 
 def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
-            host_anchor=False, in_shard_map=False) -> dict:
+            host_anchor=False, in_shard_map=False, whole_step=False) -> dict:
   params = abstract_tree(shapes, layer_axes, target, dtype)
   state = state_shardings(tx, params, target, host_anchor)
   t0 = time.perf_counter()
-  step = compile_step(tx, params, state, target.mesh if in_shard_map else None)
-  compiled = step.lower(params, params, state).compile()
+  if whole_step:
+    step = jax.jit(train_step.make(tx), donate_argnums=(0, 1))
+    compiled = step.lower(params, state, train_step.inputs(shapes, target.mesh)).compile()
+  else:
+    step = compile_step(tx, params, state, target.mesh if in_shard_map else None)
+    compiled = step.lower(params, params, state).compile()
   seconds = time.perf_counter() - t0
   text = compiled.as_text()
   if hlo_path is not None:
@@ -582,42 +528,34 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
   return out
 
 
-def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
+def run_set(set_name, target, dtype, hlo_dir=None, only=None, whole_step=False):
   shapes, layer_axes = set_shapes(set_name)
   n = sum(int(np.prod(s)) for s in shapes.values())
   txs = optimizers(layer_axes, host_anchor=target.host_anchor,
                    param_specs=param_specs(shapes, layer_axes, target)
-                   if target.sharded else None, only=only)
+                   if target.sharded and not whole_step else None, only=only)
   result = {"params": n, "leaves": len(shapes),
             "layout": "sharded FSDP×TP" if target.sharded else "unsharded",
             "optimizers": {}}
-  for name, tx in list(txs.items()):
+  if whole_step:
+    model = train_step.model_of(shapes)
+    result["step"] = (f"forward, backward and optimizer; {train_step.EXAMPLES_PER_SHARD[model]}"
+                      f" × {train_step.TOKENS[model]} tokens per data shard")
+  for name, tx in txs.items():
     if isinstance(tx, Unavailable):
-      del txs[name]
       result.setdefault("skipped", {})[name] = str(tx)
       print(f"  {name}: skipped, {tx}", flush=True)
-  todo = [(name, tx, {}) for name, tx in txs.items()]
-  for cand in candidates:
-    todo.append((f"adam_spd [{cand}]", spd_optax.adam_spd(
-        1e-4, weight_decay=1.0, layer_axes=layer_axes), CANDIDATES[cand]))
-  for name, tx, patch in todo:
-    if only and name not in only and not name.startswith("adam_spd ["):
       continue
     tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{target.name}_{set_name}_{name}")
     hlo = None if hlo_dir is None else hlo_dir / f"{tag}.hlo.txt"
-    try:  # a candidate needs the library's private sums module
-      module = _sums() if patch else None
-    except ImportError as e:
-      result.setdefault("skipped", {})[name] = f"{type(e).__name__}: {e}"
-      print(f"  {name}: skipped, {e}", flush=True)
-      continue
-    with patched(module, **patch):
-      try:
-        r = analyse(tx, shapes, layer_axes, target, dtype, hlo,
-                    host_anchor="host-anchor" in name,
-                    in_shard_map=name.endswith("in shard_map"))
-      except Exception as e:  # e.g. RESOURCE_EXHAUSTED: report, go on
-        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    kw = dict(host_anchor="host-anchor" in name, in_shard_map=name.endswith("in shard_map"))
+    try:
+      r = analyse(tx, shapes, layer_axes, target, dtype, hlo, whole_step=whole_step, **kw)
+      if whole_step:  # the optimizer's own cycles, from its step alone
+        r["optimizer_cycles"] = analyse(tx, shapes, layer_axes, target, dtype,
+                                        **kw)["estimated_cycles"]
+    except Exception as e:  # e.g. RESOURCE_EXHAUSTED: report, go on
+      r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     result["optimizers"][name] = r
     print(f"  {name}: {summary(r)}", flush=True)
   base = result["optimizers"].get("optax.adamw", {}).get("estimated_cycles")
@@ -625,6 +563,14 @@ def run_set(set_name, target, dtype, hlo_dir=None, only=None, candidates=()):
     # A sum that leaves kernels out is no estimate of the step.
     if base and r.get("estimated_cycles") and not r.get("kernels_without_estimate"):
       r["cycles_to_adamw"] = r["estimated_cycles"] / base
+  adamw = result["optimizers"].get("optax.adamw", {})
+  for r in result["optimizers"].values():
+    # What the optimizer adds to a step of optax.adamw, from the optimizer
+    # steps alone: the whole steps' difference also holds XLA's other
+    # choices for the forward and backward passes (a few 0.1% either way).
+    if whole_step and r.get("optimizer_cycles") and adamw.get("optimizer_cycles"):
+      r["added_to_adamw_step"] = ((r["optimizer_cycles"] - adamw["optimizer_cycles"])
+                                  / adamw["estimated_cycles"])
   return result
 
 
@@ -634,6 +580,8 @@ def summary(r) -> str:
   cyc = "" if r.get("estimated_cycles") is None else f", est. cycles {r['estimated_cycles']:,}"
   if r.get("kernels_without_estimate"):
     cyc += f" (+{r['kernels_without_estimate']} Pallas kernels XLA gives no estimate)"
+  if "added_to_adamw_step" in r:
+    cyc += f", adds {100 * r['added_to_adamw_step']:+.2f}% to optax.adamw's step"
   return (f"fusions/leaf {r['fusions_per_leaf']:.2f}, words/param "
           f"{r['words_per_param']:.2f}, copies {r['param_sized_copies']}, arrays/leaf "
           f"{r['arrays_in_out_per_leaf']:.2f}, peak {_peak(r)} MiB"
@@ -647,7 +595,28 @@ def _peak(r) -> str:
   return peak
 
 
+def whole_step_table(results) -> str:
+  lines = [f"Whole training steps, compile-only ({DISCLAIMER}).", "",
+           "| target | set | step | optimizer | est. cycles of the step / adamw's | "
+           "the optimizer adds to adamw's step | peak MiB/device |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for tname, sets in results["targets"].items():
+    for sname, s in sets.items():
+      for oname, r in s["optimizers"].items():
+        if "error" in r:
+          lines.append(f"| {tname} | {sname} | | {oname} | {r['error'][:60]} | | |")
+          continue
+        ratio = f"{r['cycles_to_adamw']:.4f}×" if r.get("cycles_to_adamw") else "–"
+        added = (f"{100 * r['added_to_adamw_step']:+.2f}%"
+                 if "added_to_adamw_step" in r else "–")
+        lines.append(f"| {tname} | {sname} | {s.get('step', '')} | {oname} | {ratio} | "
+                     f"{added} | {_peak(r)} |")
+  return "\n".join(lines)
+
+
 def table(results) -> str:
+  if results.get("whole_step"):
+    return whole_step_table(results)
   lines = [f"Compile-only ({DISCLAIMER}).", "",
            "| target | set | optimizer | est. cycles / adamw | fusions/leaf | "
            "kernels/leaf | words/param | param-sized copies | arrays in+out/leaf "
@@ -706,7 +675,11 @@ def main(argv=None):
                       help="compile only these (default: all)")
   parser.add_argument("--tpu-targets", nargs="+", choices=TPU_TARGETS, default=TPU_TARGETS,
                       help="--target tpu: the slices to compile for (default: all)")
-  parser.add_argument("--candidates", nargs="*", default=[], choices=list(CANDIDATES))
+  parser.add_argument("--whole-step", action="store_true",
+                      help="compile forward, backward and optimizer (benchmarks/train_step.py)")
+  parser.add_argument("--examples-per-shard", type=int, default=None,
+                      help="--whole-step: examples per data shard (default: "
+                           f"{train_step.EXAMPLES_PER_SHARD})")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--json", default=None,
                       help="default: benchmarks/results/aot_<target>.json")
@@ -719,6 +692,9 @@ def main(argv=None):
     return
   if args.target is None:
     parser.error("--target is required")
+  if args.examples_per_shard:
+    train_step.EXAMPLES_PER_SHARD = dict.fromkeys(train_step.EXAMPLES_PER_SHARD,
+                                                  args.examples_per_shard)
   if args.target == "cpu":  # before jax starts its backends
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8")
@@ -736,13 +712,13 @@ def main(argv=None):
   results = {"note": DISCLAIMER, "kind": "compile-only", "target": args.target,
              "jax": jax.__version__, "python": platform.python_version(),
              "commit": commit, "library_commit": library_commit,
-             "dtype": args.dtype, "targets": {}}
+             "dtype": args.dtype, "whole_step": args.whole_step, "targets": {}}
   print(f"Compile-only, {args.target}: {DISCLAIMER}. jax {jax.__version__}, {args.dtype}.")
   for target, sets in plan(args.target, args.sets, args.tpu_targets):
     for s in sets:
       print(f"{target.name}, {s}:", flush=True)
       results["targets"].setdefault(target.name, {})[s] = run_set(
-          s, target, jnp.dtype(args.dtype), hlo_dir, args.optimizers, args.candidates)
+          s, target, jnp.dtype(args.dtype), hlo_dir, args.optimizers, args.whole_step)
   print()
   print(table(results))
   out.write_text(json.dumps(results, indent=2) + "\n")

@@ -7,7 +7,7 @@ analysis, not a run).
 Compiles the train step of `full_finetune.py` (`full_train.make_step`: the
 scanned LLaMA, FSDP over every chip of the slice, donated params and state)
 for a TPU slice that is not here, from abstract inputs: no weights, no
-devices. Needs libtpu (`jax[tpu]`, see ../shared/targets/README.md). For
+devices. Needs libtpu (`pip install -e ".[aot]"`). For
 each model shape and optimizer it records XLA:TPU's per-device memory
 analysis and its cost model's estimate of the step (the sum of the entry
 computation's `estimated_cycles`), or the compiler's refusal
