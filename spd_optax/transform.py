@@ -129,8 +129,9 @@ def selective_projection_decay(
       rounded to that dtype (round the params before ``init`` to start on
       it; see the scaling page).
     anchor_on_host: keep the anchor in host memory (``pinned_host``) and
-      move it in, leaf by leaf, in each step. Give the state the shardings
-      of `spd_optax.state_shardings`.
+      move it in, leaf by leaf (a stacked leaf one layer at a time), in
+      each step. Give the state the shardings of
+      `spd_optax.state_shardings`.
     axis_name: inside `jax.shard_map`, the manual mesh axes the params'
       elements are split over (hand-written FSDP): SPD's per-layer sums are
       added over them. Not needed under `jax.jit`, nor for replicated
