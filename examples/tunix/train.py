@@ -14,6 +14,7 @@ statistics go through Tunix's metrics logger from a training hook.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import qwix
+from jax.sharding import AxisType
 from flax import nnx
 from tunix.sft import hooks, metrics_logger, peft_trainer
 from tunix.sft import utils as sft_utils
@@ -68,7 +71,10 @@ def make_mesh(n):
   if len(jax.devices()) < n:
     raise RuntimeError(f"a mesh of {n} needs {n} devices, found {len(jax.devices())}; "
                        f"on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-  return jax.make_mesh((n, 1), ("fsdp", "tp"))
+  # Auto axes: Tunix's model leaves the placement of its activations to the
+  # compiler (its sharding constraints are skipped on CPU), which explicit
+  # axes refuse (the embedding lookup asks for an output sharding).
+  return jax.make_mesh((n, 1), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)
 
 
 def shard_model(model, mesh):
@@ -221,12 +227,26 @@ def train_one(model, tx, cfg, train, seed, run_dir, max_steps, total_steps, mesh
   hook = SPDStatsHook(cfg.log_every, max_steps)
   trainer.with_training_hooks(hook)
   data = batches(train, cfg, seed, total_steps * accum)
-  if mesh is None:
+  with mesh_context(mesh):
     trainer.train(data)
-  else:
-    with mesh:  # Tunix reads the mesh of this context to shard batches and state
-      trainer.train(data)
   return trainer, hook
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+  """Tunix 0.1.7 shards batches and optimizer state on the mesh it finds in
+  jax's legacy mesh context (`pxla.thread_resources`), which only the
+  deprecated `with mesh:` sets; jax.set_mesh does not."""
+  if mesh is None:
+    yield
+    return
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "`with mesh:` context manager", DeprecationWarning)
+    mesh.__enter__()
+  try:
+    yield
+  finally:
+    mesh.__exit__(None, None, None)
 
 
 def run_one(cfg, mode, method, strength, seed, steps, model_cfg, weights, sets, run_dir,
