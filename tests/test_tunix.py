@@ -98,7 +98,7 @@ def test_smoke_preset_on_a_mesh(tmp_path):
 
 
 def _run(loaded, mode, run_dir, max_steps, mesh):
-  model_cfg, weights, sets = loaded
+  model_cfg, weights, sets, _ = loaded
   model = train.build(SMOKE, mode, model_cfg, weights, 0, mesh)
   tx = train.make_tx(SMOKE, mode, "adam_spd", 1.0, SMOKE.steps)
   trainer, _ = train.train_one(model, tx, SMOKE, sets["train"], 0, run_dir, max_steps,

@@ -116,13 +116,17 @@ def make_tx(cfg, mode, method, strength, steps):
   peak = cfg.learning_rate if mode == "lora" else cfg.full_learning_rate
   lr = optax.warmup_cosine_decay_schedule(
       0.0, peak, min(cfg.warmup_steps, steps), max(steps, 1), end_value=0.1 * peak)
+  # inject_hyperparams puts the learning rate in the optimizer state, where
+  # Tunix's trainer finds and logs it.
   if method == "adamw":
-    return optax.adamw(lr, weight_decay=strength)
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=strength)
   if method == "adam_spd":
     if mode == "lora":
-      return spd_optax.adam_spd(lr, weight_decay=strength, anchor="zeros")
-    return spd_optax.adam_spd(lr, weight_decay=strength, anchor="params",
-                              mask=spd_mask(cfg.spd_exclude))
+      return optax.inject_hyperparams(spd_optax.adam_spd, static_args=("anchor",))(
+          learning_rate=lr, weight_decay=strength, anchor="zeros")
+    return optax.inject_hyperparams(spd_optax.adam_spd, static_args=("anchor", "mask"))(
+        learning_rate=lr, weight_decay=strength, anchor="params",
+        mask=spd_mask(cfg.spd_exclude))
   raise ValueError(method)
 
 
@@ -270,8 +274,13 @@ def run_one(cfg, mode, method, strength, seed, steps, model_cfg, weights, sets, 
   trainer, hook = train_one(model, tx, cfg, sets["train"], seed, run_dir, max_steps,
                             steps, mesh, mode)
   train_s = time.time() - t0
-  losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
-  history = {"loss": [float(x) for x in losses], "spd": hook.history}
+  logged = lambda name: [float(x) for x in
+                         trainer.metrics_logger.get_metric_history("", name, "train")]
+  # Tunix logs, with the loss of update n, the learning rate in the state
+  # after update n + 1 (it writes a step's metrics once the next is
+  # dispatched): learning_rate[i] is the rate of update i + 2.
+  history = {"loss": logged("loss"), "learning_rate": logged("learning_rate"),
+             "spd": hook.history}
   (run_dir / "history.json").write_text(json.dumps(history, indent=1))
   if trainer.train_steps < steps:
     print(f"{run_dir.name}: stopped at step {trainer.train_steps} of {steps}")
@@ -287,10 +296,21 @@ def run_one(cfg, mode, method, strength, seed, steps, model_cfg, weights, sets, 
 
 
 def load(cfg):
-  model_cfg, tok, weights = convert.read_gguf(convert.smollm2_gguf_path())
-  tunix_model.use_rope_theta(model_cfg.rope_base)
+  """(Tunix's config, the weights, the evaluation sets, examples/llm's config)."""
+  llm_cfg, tok, weights = convert.read_gguf(convert.smollm2_gguf_path())
+  tunix_model.use_rope_theta(llm_cfg.rope_base)
   sets = finetune.make_datasets(cfg, tok)
-  return tunix_model.tunix_config(model_cfg, cfg.n_layers, cfg.remat), weights, sets
+  return (tunix_model.tunix_config(llm_cfg, cfg.n_layers, cfg.remat), weights, sets,
+          llm_cfg)
+
+
+def logits_gap(model_cfg, llm_cfg, weights, tokens, mesh):
+  """Largest |logit difference| between Tunix's model and examples/llm's
+  on `tokens` (float32), and the largest |logit|, for scale."""
+  ref = convert.build_model(llm_cfg, weights, n_layers=model_cfg.num_layers)(tokens)
+  got = tunix_model.logits(shard_model(tunix_model.build_model(model_cfg, weights), mesh),
+                           tokens)
+  return float(jnp.max(jnp.abs(got - ref))), float(jnp.max(jnp.abs(ref)))
 
 
 def main(argv=None):
@@ -303,9 +323,12 @@ def main(argv=None):
 
   t0 = time.time()
   mesh = make_mesh(fsdp)
-  model_cfg, weights, sets = load(cfg)
+  model_cfg, weights, sets, llm_cfg = load(cfg)
   print(f"loaded in {time.time() - t0:.1f}s; windows of {cfg.seq_len} tokens: "
         + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+  gap, scale = logits_gap(model_cfg, llm_cfg, weights, jnp.asarray(sets["id"][:2]), mesh)
+  print(f"Tunix's model vs examples/llm's on 2 ID windows: max |Δlogit| {gap:.3g} "
+        f"(max |logit| {scale:.3g}, float32)")
 
   base = {"mode": "", "method": "pretrained", "strength": "", "seed": "", "steps": 0,
           **evaluate(build(cfg, "full", model_cfg, weights, 0, mesh), sets, cfg),
@@ -328,7 +351,8 @@ def main(argv=None):
     return rows
   rows = write_table(results_dir, "tunix", rows, COLUMNS)
   (results_dir / "machine.json").write_text(json.dumps(
-      {**machine(), "fsdp": fsdp, "total_s": round(time.time() - t0)}, indent=1))
+      {**machine(), "fsdp": fsdp, "logits_max_abs_diff": gap, "logits_max_abs": scale,
+       "total_s": round(time.time() - t0)}, indent=1))
   print((results_dir / "tunix.md").read_text())
   print(f"total {time.time() - t0:.0f}s")
   return rows
