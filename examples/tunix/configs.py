@@ -27,7 +27,6 @@ class Config(ExperimentConfig):
   # fine-tuning leaves out of SPD: weights with no pre-trained value to be
   # pulled back to (a new head, new tokens' rows). SFT of SmolLM2 adds none.
   spd_exclude: tuple[str, ...] = ()
-  gradient_accumulation_steps: int | None = None
   # Devices of a ("fsdp", "tp") mesh; 1: no mesh. On CPU, make N host
   # devices with XLA_FLAGS=--xla_force_host_platform_device_count=N.
   fsdp: int = 1

@@ -216,11 +216,9 @@ class SPDStatsHook(hooks.TrainingHooks):
 def train_one(model, tx, cfg, train, seed, run_dir, max_steps, total_steps, mesh, mode):
   """One Tunix run; returns (trainer, hook). Tunix restores the latest
   checkpoint under run_dir/checkpoints itself, if there is one."""
-  accum = cfg.gradient_accumulation_steps or 1
   tcfg = peft_trainer.TrainingConfig(
       eval_every_n_steps=max(total_steps, 1),
       max_steps=max_steps,
-      gradient_accumulation_steps=cfg.gradient_accumulation_steps,
       checkpoint_root_directory=str((run_dir / "checkpoints").absolute()),
       checkpointing_options=ocp.CheckpointManagerOptions(
           save_interval_steps=cfg.checkpoint_every, max_to_keep=2),
@@ -230,7 +228,7 @@ def train_one(model, tx, cfg, train, seed, run_dir, max_steps, total_steps, mesh
   trainer = peft_trainer.PeftTrainer(model, tx, tcfg).with_gen_model_input_fn(model_input)
   hook = SPDStatsHook(cfg.log_every, max_steps)
   trainer.with_training_hooks(hook)
-  data = batches(train, cfg, seed, total_steps * accum)
+  data = batches(train, cfg, seed, total_steps)
   with mesh_context(mesh):
     trainer.train(data)
   return trainer, hook
