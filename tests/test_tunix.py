@@ -78,8 +78,11 @@ def test_tunix_rope_ignores_the_config_base(gguf, monkeypatch):
 
 def test_smoke_preset_on_a_mesh(tmp_path):
   """Both modes and both optimizers through PeftTrainer on a 2-device
-  ("fsdp", "tp") mesh, with SPD's statistics logged through Tunix."""
-  rows = train.main(["--preset", "smoke", "--fsdp", "2", "--results-dir", str(tmp_path)])
+  ("fsdp", "tp") mesh, with SPD's statistics logged through Tunix; every
+  run stopped after 2 of its 4 steps, then resumed from Tunix's checkpoint."""
+  argv = ["--preset", "smoke", "--fsdp", "2", "--results-dir", str(tmp_path)]
+  assert len(train.main(argv + ["--stop-after", "2"])) == 1   # the pre-trained row only
+  rows = train.main(argv + ["--resume"])
   assert [(r["mode"], r["method"]) for r in rows] == [
       ("", "pretrained"), ("lora", "adamw"), ("lora", "adam_spd"),
       ("full", "adamw"), ("full", "adam_spd")]
@@ -92,7 +95,7 @@ def test_smoke_preset_on_a_mesh(tmp_path):
   runs = tmp_path / "runs"
   for name in ("lora_adam_spd_1.0_seed0", "full_adam_spd_1.0_seed0"):
     history = json.loads((runs / name / "history.json").read_text())
-    assert len(history["loss"]) == SMOKE.steps
+    assert len(history["loss"]) == len(history["learning_rate"]) == SMOKE.steps
     assert [h["step"] for h in history["spd"]] == [2, 4]
     assert set(history["spd"][0]) == {"step", "decayed_fraction", "mean_ratio", "deviation"}
     assert list((runs / name / "tensorboard").glob("events.out.tfevents.*"))

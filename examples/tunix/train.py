@@ -195,6 +195,7 @@ class SPDStatsHook(hooks.TrainingHooks):
 
   def __init__(self, every, last):
     self.every, self.last, self.history, self._logged = every, last, [], set()
+    self.start = 0
 
   def on_train_step_end(self, trainer, train_step, train_loss):
     n = trainer.train_steps
@@ -206,7 +207,9 @@ class SPDStatsHook(hooks.TrainingHooks):
       trainer.metrics_logger.log(trainer.metrics_prefix, f"spd/{k}", v, "train", n)
     self.history.append({"step": n, **stats})
 
-  def on_train_start(self, trainer): pass
+  def on_train_start(self, trainer):
+    self.start = trainer.train_steps  # > 0 where Tunix restored a checkpoint
+
   def on_train_end(self, trainer): pass
   def on_train_step_start(self, trainer): pass
   def on_eval_step_start(self, trainer): pass
@@ -279,6 +282,14 @@ def run_one(cfg, mode, method, strength, seed, steps, model_cfg, weights, sets, 
   # dispatched): learning_rate[i] is the rate of update i + 2.
   history = {"loss": logged("loss"), "learning_rate": logged("learning_rate"),
              "spd": hook.history}
+  if hook.start and (run_dir / "history.json").exists():
+    # A resumed run: the steps before its checkpoint come from the history
+    # the interrupted run wrote.
+    before = json.loads((run_dir / "history.json").read_text())
+    history = {"loss": before["loss"][:hook.start] + history["loss"],
+               "learning_rate": before["learning_rate"][:hook.start]
+               + history["learning_rate"],
+               "spd": [h for h in before["spd"] if h["step"] <= hook.start] + history["spd"]}
   (run_dir / "history.json").write_text(json.dumps(history, indent=1))
   if trainer.train_steps < steps:
     print(f"{run_dir.name}: stopped at step {trainer.train_steps} of {steps}")
