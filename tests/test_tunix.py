@@ -97,7 +97,16 @@ def test_smoke_preset_on_a_mesh(tmp_path):
     history = json.loads((runs / name / "history.json").read_text())
     assert len(history["loss"]) == len(history["learning_rate"]) == SMOKE.steps
     assert [h["step"] for h in history["spd"]] == [2, 4]
-    assert set(history["spd"][0]) == {"step", "decayed_fraction", "mean_ratio", "deviation"}
+    first = history["spd"][0]
+    assert set(first) == {"step", "decayed_fraction", "mean_ratio", "deviation", "blocks"}
+    # Per block: the 2 kept blocks and the weights outside them (embedding,
+    # final norm; LoRA has none there).
+    blocks = {k.split("/")[0] for k in first["blocks"]}
+    assert blocks == {"block_00", "block_01"} | (
+        {"outside_blocks"} if name.startswith("full") else set())
+    # The blocks' deviations make up SPD's total.
+    total = sum(v * v for k, v in first["blocks"].items() if k.endswith("/deviation"))
+    np.testing.assert_allclose(total, first["deviation"] ** 2, rtol=1e-4)
     assert list((runs / name / "tensorboard").glob("events.out.tfevents.*"))
   assert (tmp_path / "tunix.md").exists()
 

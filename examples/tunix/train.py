@@ -183,10 +183,37 @@ def evaluate(model, sets, cfg):
 
 # --- SPD statistics through Tunix's metrics logger ---------------------------
 
+_BLOCK = re.compile(r"\['layers'\]\[(\d+)\]")
+
+
+def block_stats(opt_state) -> dict[str, float]:
+  """Per transformer block, from SPD's per-leaf state: the mean applied
+  ratio of its weights at the last step and its deviation ‖θ − θ₀‖ (the
+  root of the sum of its leaves' squares). {} for a state without SPD."""
+  try:
+    state = spd_optax.spd_state(opt_state)
+  except ValueError:
+    return {}
+  ratios, squares = {}, {}
+  for (path, r), d in zip(jax.tree_util.tree_leaves_with_path(state.ratio),
+                          jax.tree.leaves(state.deviation)):
+    m = _BLOCK.search(jax.tree_util.keystr(path))
+    block = f"block_{int(m.group(1)):02d}" if m else "outside_blocks"
+    ratios.setdefault(block, []).append(float(jnp.mean(r)))
+    squares[block] = squares.get(block, 0.0) + float(jnp.sum(jnp.square(d)))
+  out = {}
+  for block in sorted(ratios):
+    out[f"{block}/ratio"] = float(np.mean(ratios[block]))
+    out[f"{block}/deviation"] = math.sqrt(squares[block])
+  return out
+
+
 class SPDStatsHook(hooks.TrainingHooks):
   """Logs `spd_optax.spd_stats` (decayed fraction, mean ratio, deviation)
-  as `spd/<name>` through the trainer's metrics logger (TensorBoard under
-  the run's directory), every `every` optimizer updates and at the last.
+  as `spd/<name>`, and each block's ratio and deviation as
+  `spd/block_NN/<name>`, through the trainer's metrics logger (TensorBoard
+  under the run's directory), every `every` optimizer updates and at the
+  last.
 
   Tunix calls on_train_step_end after the next update has been dispatched,
   with the step of the loss it reports (one behind the optimizer state), so
@@ -203,9 +230,10 @@ class SPDStatsHook(hooks.TrainingHooks):
       return
     self._logged.add(n)
     stats = spd_log(trainer.optimizer.opt_state)
-    for k, v in stats.items():
+    blocks = block_stats(trainer.optimizer.opt_state)
+    for k, v in (stats | blocks).items():
       trainer.metrics_logger.log(trainer.metrics_prefix, f"spd/{k}", v, "train", n)
-    self.history.append({"step": n, **stats})
+    self.history.append({"step": n, **stats, **({"blocks": blocks} if blocks else {})})
 
   def on_train_start(self, trainer):
     self.start = trainer.train_steps  # > 0 where Tunix restored a checkpoint
