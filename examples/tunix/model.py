@@ -10,7 +10,6 @@ and nnx.Linear kernels [in, out].
 import functools
 import inspect
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -105,7 +104,6 @@ def build_model(cfg: llama3.ModelConfig, weights: dict) -> llama3.Llama3:
 def model_inputs(tokens):
   """The keyword arguments of Tunix's Llama3 for unpadded windows."""
   tokens = jnp.asarray(tokens)
-  mask = jnp.ones(tokens.shape, jnp.bool_)
   b, t = tokens.shape
   return {"input_tokens": tokens,
           "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
