@@ -174,7 +174,14 @@ def test_a_host_anchor_gives_the_device_anchors_numbers(norm):
   assert {a.sharding.memory_kind for a in jax.tree.leaves(s_host.anchor)} == {"pinned_host"}
   assert float(spd_optax.spd_stats(s_host)["decayed_fraction"]) == 1
   for x, y in zip(jax.tree.leaves((p_dev, s_dev)), jax.tree.leaves((p_host, s_host))):
-    np.testing.assert_array_equal(x, y)
+    if jax.__version_info__ < (0, 12):
+      np.testing.assert_array_equal(x, y)
+    else:
+      # XLA:CPU from jax 0.12 fuses a leaf's second pass otherwise when its
+      # anchor comes from host memory (a leaf moved in whole too): 1 ulp on
+      # a few percent of the elements, which this drift-driven gradient
+      # amplifies over the steps.
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_spd_stats_counts_each_layer_of_a_stacked_leaf():
