@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -134,6 +135,22 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def finished_run(run_dir: pathlib.Path, steps: int, resume: bool) -> dict | None:
+  """With ``resume``, the saved ``result.json`` of the run in `run_dir` if it
+  finished its `steps`; otherwise None, with `run_dir` ready for the run
+  (emptied first unless resuming: a checkpoint there continues it)."""
+  result_file = run_dir / "result.json"
+  if resume and result_file.exists():
+    saved = json.loads(result_file.read_text())
+    if saved["row"]["steps"] == steps:
+      print(f"{run_dir.name}: finished earlier, reusing its result")
+      return saved
+  if not resume and run_dir.exists():
+    shutil.rmtree(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  return None
 
 
 def _markdown_table(rows, columns) -> str:

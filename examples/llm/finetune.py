@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import shutil
 import sys
 import time
 
@@ -27,8 +26,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import spd_optax
-from examples.common import (Checkpointer, method_color, pyplot, save_figure, spd_log,
-                             strength_label, write_table)
+from examples.common import (Checkpointer, finished_run, method_color, pyplot, save_figure,
+                             spd_log, strength_label, write_table)
 from examples.llm import configs, convert, data
 from examples.llm import tokenizer as tokenizer_lib
 from examples.llm.model import next_token_nll
@@ -205,14 +204,8 @@ def run_one(model, sets, cfg, method, strength, seed, steps, run_dir, resume, wi
   """Trains fresh adapters with one optimizer; returns the report row, or
   None if stopped early by `stop_after`."""
   result_file = run_dir / "result.json"
-  if resume and result_file.exists():
-    row = json.loads(result_file.read_text())["row"]
-    if row["steps"] == steps:
-      print(f"{run_dir.name}: finished earlier, reusing its result")
-      return row
-  if not resume and run_dir.exists():
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  if (saved := finished_run(run_dir, steps, resume)) is not None:
+    return saved["row"]
 
   reset_adapters(model, seed)
   optimizer = nnx.Optimizer(model, make_tx(cfg, method, strength, steps), wrt=nnx.LoRAParam)

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import shutil
 import sys
 import time
 
@@ -43,7 +42,8 @@ from tqdm import tqdm
 
 import spd_optax
 from spd_optax import checkpoint as spd_checkpoint
-from examples.common import machine, method_color, pyplot, save_figure, write_table
+from examples.common import (finished_run, machine, method_color, pyplot, save_figure,
+                             write_table)
 from examples.llm import convert, full_configs, scan_model
 from examples.llm.finetune import batch_indices, make_datasets, mark_selected
 from examples.llm.full_train import (MATRICES, deviation_table, evaluate, layer_values,
@@ -93,14 +93,8 @@ def run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume=False, stop
 
 def _run_one(ctx, cfg, method, strength, seed, steps, run_dir, resume, stop_after):
   result_file = run_dir / "result.json"
-  if resume and result_file.exists():
-    saved = json.loads(result_file.read_text())
-    if saved["row"]["steps"] == steps:
-      print(f"{run_dir.name}: finished earlier, reusing its result")
-      return saved["row"], {k: np.asarray(v) for k, v in saved["nll"].items()}
-  if not resume and run_dir.exists():
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  if (saved := finished_run(run_dir, steps, resume)) is not None:
+    return saved["row"], {k: np.asarray(v) for k, v in saved["nll"].items()}
 
   mesh, theta0 = ctx["mesh"], ctx["theta0"]
   copy, init, step_fn = _compiled(ctx, cfg, method, strength, steps)

@@ -19,7 +19,6 @@ import json
 import math
 import pathlib
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -36,7 +35,7 @@ from tunix.sft import hooks, metrics_logger, peft_trainer
 from tunix.sft import utils as sft_utils
 
 import spd_optax
-from examples.common import machine, spd_log, write_table
+from examples.common import finished_run, machine, spd_log, write_table
 from examples.llm import convert, finetune
 from examples.llm.model import next_token_nll
 from examples.tunix import configs
@@ -285,14 +284,8 @@ def mesh_context(mesh):
 def run_one(cfg, mode, method, strength, seed, steps, model_cfg, weights, sets, run_dir,
             resume, stop_after, mesh):
   result_file = run_dir / "result.json"
-  if resume and result_file.exists():
-    row = json.loads(result_file.read_text())["row"]
-    if row["steps"] == steps:
-      print(f"{run_dir.name}: finished earlier, reusing its result")
-      return row
-  if not resume and run_dir.exists():
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  if (saved := finished_run(run_dir, steps, resume)) is not None:
+    return saved["row"]
 
   model = build(cfg, mode, model_cfg, weights, seed, mesh)
   start = ([] if mode == "lora" else
