@@ -223,13 +223,16 @@ class Unavailable(Exception):
   """An optimizer variant the library being compiled cannot build."""
 
 
-def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=None):
+def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=None,
+               leaf_by_leaf=False):
   """name -> optimizer for one set (`layer_axes` None when unstacked). With
   `param_specs` (a sharded target's), "adam_spd in shard_map" is compiled
   inside `jax.shard_map` over the target's mesh (hand-written FSDP×TP,
   SPD's sums added over the axes splitting each leaf). Only the names in
   `only` if given; a variant the library cannot build (an option it does
-  not have) maps to an `Unavailable` instead of an optimizer."""
+  not have) maps to an `Unavailable` instead of an optimizer. With
+  `leaf_by_leaf`, also adam_spd ordered leaf by leaf
+  (`optimizer_step.leaf_by_leaf`)."""
   spd = lambda **kw: spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes, **kw)
   make = {
       "optax.adamw": lambda: optax.adamw(lr, weight_decay=0.1),
@@ -246,6 +249,10 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=Non
     del make["naive SPD"]  # its sums are per leaf, not per layer
   if host_anchor:
     make["adam_spd host-anchor"] = lambda: spd(anchor_on_host=True)
+  if leaf_by_leaf:  # each leaf's update sees a one-leaf dict: layer_axes as a callable
+    make["adam_spd leaf by leaf"] = lambda: optimizer_step.leaf_by_leaf(spd_optax.adam_spd(
+        lr, weight_decay=1.0, layer_axes=None if layer_axes is None else (
+            lambda p: {k: layer_axes[k] for k in p})))
   out = {}
   for name, f in make.items():
     if only and name not in only:
@@ -409,6 +416,40 @@ def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
   }
 
 
+def leaf_order(text: str) -> dict:
+  """How the entry computation orders its large kernels (fusions on arrays of
+  more than 64 elements) by the leaf they work on. A kernel's leaf is that
+  of the entry parameters it reads, directly or through other
+  instructions, each parameter named by its metadata (``params['key']``,
+  ``state.inner_state[0].mu['key']``); kernels of no leaf or of several
+  are left out. Returns the share of leaves whose kernels run back to
+  back, with no other leaf's kernel between them, and the mean and largest
+  number of large kernels from a leaf's first to its last (0 for a leaf of
+  one kernel). XLA:GPU runs a step's kernels in this order."""
+  instrs = entry_instructions(text)
+  by_name = {i.name: i for i in instrs}
+  named = re.compile(r"op_name=\"[^\"]*\[\\?'([^'\\]+)\\?'\]\"")
+  leaves, order = {}, []
+  for ins in instrs:
+    m = named.search(ins.rest) if ins.op == "parameter" else None
+    leaves[ins.name] = {m[1]} if m else set().union(*(leaves.get(o, set())
+                                                      for o in ins.operands))
+    sizes = [n for o in ins.operands if o in by_name for n, _, _ in arrays(by_name[o].type)]
+    large = max(sizes + [n for n, _, _ in arrays(ins.type)], default=0) > 64
+    if ins.op == "fusion" and large and len(leaves[ins.name]) == 1:
+      order.append(next(iter(leaves[ins.name])))
+  positions = collections.defaultdict(list)
+  for i, leaf in enumerate(order):
+    positions[leaf].append(i)
+  if not positions:
+    return {}
+  spans = [p[-1] - p[0] for p in positions.values()]
+  return {"leaves_back_to_back": sum(p[-1] - p[0] + 1 == len(p) for p in positions.values())
+          / len(positions),
+          "mean_kernels_first_to_last": float(np.mean(spans)),
+          "max_kernels_first_to_last": max(spans)}
+
+
 def hlo_fingerprint(text: str) -> str:
   """sha256 of an optimized HLO module's text less what names the Python
   source (op metadata, the module's name): the same compiled step built by
@@ -521,6 +562,7 @@ def analyse(tx, shapes, layer_axes, target, dtype, hlo_path=None,
   leaf_elements = [int(np.prod(p.sharding.shard_shape(p.shape))) for p in params.values()]
   out = hlo_counts(text, leaf_elements, jnp.dtype(dtype).itemsize)
   out |= memory(compiled)
+  out |= leaf_order(text)
   out["hlo_sha256"] = hlo_fingerprint(text)
   out["state_arrays"] = len(jax.tree.leaves(state))
   out["largest_leaf_bytes"] = max(leaf_elements) * jnp.dtype(dtype).itemsize
@@ -532,6 +574,7 @@ def run_set(set_name, target, dtype, hlo_dir=None, only=None, whole_step=False):
   shapes, layer_axes = set_shapes(set_name)
   n = sum(int(np.prod(s)) for s in shapes.values())
   txs = optimizers(layer_axes, host_anchor=target.host_anchor,
+                   leaf_by_leaf=target.platform == "gpu" and not whole_step,
                    param_specs=param_specs(shapes, layer_axes, target)
                    if target.sharded and not whole_step else None, only=only)
   result = {"params": n, "leaves": len(shapes),

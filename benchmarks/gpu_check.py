@@ -64,9 +64,22 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is not a package p
 from benchmarks import optimizer_step as ostep  # noqa: E402
 import spd_optax  # noqa: E402
 
-# The two targets first (llama_1b <= 1.3x, vit_b16 <= 1.5x adamw), then
-# the stacked sets (no slower than unstacked), so a short budget drops those.
-ORDER = ["vit_b16", "llama_1b", "vit_b16_stacked", "llama_1b_stacked"]
+# name -> (shape set, dtype of params, gradients and state). The two targets
+# first (llama_1b <= 1.3x, vit_b16 <= 1.5x adamw), then the stacked sets (no
+# slower than unstacked), bf16 params, and the sweep of leaf sizes, so a
+# short budget drops the last.
+GROUPS = {"vit_b16": ("vit_b16", "float32"), "llama_1b": ("llama_1b", "float32"),
+          "vit_b16_stacked": ("vit_b16_stacked", "float32"),
+          "llama_1b_stacked": ("llama_1b_stacked", "float32"),
+          "llama_1b_bf16": ("llama_1b", "bfloat16"), "leaf_sizes": (None, "float32")}
+ORDER = list(GROUPS)
+# The sweep: leaves of 2^k float32 elements (256 KiB to 64 MiB), 2^25
+# elements (128 MiB per array) in all, in square-ish matrices. Whether
+# SPD's second pass over a leaf is cheaper once the leaf's arrays fit the
+# L2 cache (50 MiB on an H100 or H200) is read off its ratio to AdamW and
+# its kernels' effective bandwidth against the leaf size.
+LEAF_SIZE_LOG2 = (16, 18, 20, 22, 24)
+LEAF_SIZES_TOTAL_LOG2 = 25
 
 
 def small_vit_shapes():
@@ -92,6 +105,13 @@ def small_llama_shapes():
 
 SMALL_SETS = {"vit_b16": small_vit_shapes, "vit_b16_stacked": small_vit_shapes,
               "llama_1b": small_llama_shapes, "llama_1b_stacked": small_llama_shapes}
+SMALL_LEAF_SIZE_LOG2, SMALL_LEAF_SIZES_TOTAL_LOG2 = (8, 10), 12
+
+
+def leaf_size_shapes(log2, total_log2):
+  """2^(total_log2 - log2) leaves of 2^log2 elements each, as matrices."""
+  rows = 2 ** (log2 // 2)
+  return {f"leaf{i:04d}": (rows, 2 ** log2 // rows) for i in range(2 ** (total_log2 - log2))}
 
 
 class Log:
@@ -263,7 +283,7 @@ def is_device_event(plane, line, name):
                                                "XLA TraceMe", "Framework"))
 
 
-def summarize_trace(events, annotation, wall_ms, top=12):
+def summarize_trace(events, annotation, wall_ms, top=12, nbytes=None):
   """Kernel names and times, busy time against the span, gaps between
   kernels, and the host time before the first and after the last kernel
   inside the step's annotation."""
@@ -304,11 +324,58 @@ def summarize_trace(events, annotation, wall_ms, top=12):
           "top_kernels": [{"name": n[:160], "count": c, "us": t / 1e3,
                            "share_of_busy": t / busy if busy else None}
                           for n, (c, t) in kernels[:top]]}
+  if nbytes:
+    out["bytes_or_kernels"] = bytes_or_kernels(
+        [(re.sub(r"\W", "_", n), d) for _, _, n, _, d in dev], nbytes)
   if host:
     hs, hd = host[0]
     out["host"] = {"annotation_us": hd / 1e3,
                    "before_first_kernel_us": (start - hs) / 1e3,
                    "after_last_kernel_us": (hs + hd - end) / 1e3}
+  return out
+
+
+def kernel_bytes(hlo_text):
+  """Bytes each fusion of a compiled step's entry computation reads and
+  writes (its distinct operands and its outputs), by the name XLA:GPU gives
+  its kernel (the fusion's, '.' as '_')."""
+  from benchmarks import aot  # its HLO reader; imported here, as it loads topologies
+  instrs = aot.entry_instructions(hlo_text)
+  by_name = {i.name: i for i in instrs}
+  size = lambda typ: sum(b for _, b, _ in aot.arrays(typ))
+  return {re.sub(r"\W", "_", i.name): size(i.type) + sum(
+      size(by_name[o].type) for o in dict.fromkeys(i.operands) if o in by_name)
+          for i in instrs if i.op == "fusion"}
+
+
+def bytes_or_kernels(dev, nbytes, top=6):
+  """Which explains a step's device time, from its kernels' durations and
+  bytes: a least-squares fit of time = a + bytes / B over its kernels
+  gives a cost per kernel (a) and a bandwidth (B); the two shares say how
+  much of the busy time each accounts for. Also per kind of kernel (its
+  name less the number: loop fusions are elementwise passes, input
+  fusions reductions): time, bytes and effective bandwidth (above the
+  device's copy rate, the kernel read from the L2 cache)."""
+  pairs = [(nbytes[k], d / 1e3) for k, d in dev if k in nbytes]
+  out = {"kernels_with_bytes": len(pairs), "kernels": len(dev)}
+  if len(pairs) < 3:
+    return out
+  b, t = (np.array(x, np.float64) for x in zip(*pairs))
+  slope, intercept = np.polyfit(b, t, 1)
+  pred = intercept + slope * b
+  out |= {"us_per_kernel": float(intercept), "fit_GBps": float(1e-3 / slope) if slope > 0
+          else None, "r2": float(1 - np.sum((t - pred) ** 2) / max(np.sum((t - t.mean()) ** 2), 1e-30)),
+          "share_per_kernel": float(intercept * len(t) / t.sum()),
+          "share_bytes": float(slope * b.sum() / t.sum())}
+  kinds = collections.defaultdict(lambda: [0, 0.0, 0])
+  for k, d in dev:
+    kind = kinds[re.sub(r"_\d+$", "", k)]
+    kind[0] += 1
+    kind[1] += d / 1e3
+    kind[2] += nbytes.get(k, 0)
+  out["by_kind"] = {k: {"count": c, "us": us, "bytes": nb,
+                        "GBps": nb / us / 1e3 if us and nb else None}
+                    for k, (c, us, nb) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:top]}
   return out
 
 
@@ -329,7 +396,11 @@ def profile_runs(runs, trace_root, log):
           wall = 1e3 * (time.perf_counter() - t0)
       run[1], run[2] = params, state
       events, source, errors = read_trace(d)
-      summary = summarize_trace(events, annotation, wall)
+      try:
+        nbytes = kernel_bytes(step.as_text())
+      except Exception:  # noqa: BLE001 - the profile without bytes
+        nbytes = None
+      summary = summarize_trace(events, annotation, wall, nbytes=nbytes)
       summary["trace_file"] = source
       if errors:
         summary["read_errors"] = errors
@@ -338,10 +409,14 @@ def profile_runs(runs, trace_root, log):
       run[1], run[2] = params, state
     out[name] = summary
     if "busy_us" in summary:
+      fit = summary.get("bytes_or_kernels", {})
       log(f"  profile {name}: {summary['kernel_launches']} kernels "
           f"({summary['distinct_kernels']} distinct), busy {summary['busy_us']:.0f} us "
           f"of span {summary['span_us']:.0f} us ({summary['busy_over_span']:.0%}), "
-          f"{summary['gaps']['over_5us']} gaps > 5 us")
+          f"{summary['gaps']['over_5us']} gaps > 5 us" + (
+              f"; fit: {fit['us_per_kernel']:.2f} us per kernel ({fit['share_per_kernel']:.0%}"
+              f" of busy) + bytes at {fit['fit_GBps'] or float('nan'):.0f} GB/s "
+              f"({fit['share_bytes']:.0%}), r2 {fit['r2']:.2f}" if "r2" in fit else ""))
     else:
       log(f"  profile {name}: {summary.get('note') or summary.get('error')}")
   return out
@@ -349,26 +424,62 @@ def profile_runs(runs, trace_root, log):
 
 # --- one group -----------------------------------------------------------------
 
-def run_group(name, shapes, args, trace_root, log, out, save):
+# Dropped first where a set's optimizers do not all fit the device together.
+OPTIONAL = ("adam_spd leaf by leaf", "naive SPD")
+
+
+def runs_that_fit(shapes, stacked, dtype, log, share=0.85, limit=None):
+  """The optimizers to time together on one set: all of them where their
+  params, states and gradients take at most `share` of the device's memory
+  (the rest is for the steps' temporaries), else without those in OPTIONAL
+  (the 1.35B sets' 19 parameter-sized trees, 103 GB, fit an H200; an H100
+  holds 13). `limit`: the device's memory in bytes, by default its
+  allocator's limit (none on XLA:CPU: all of them)."""
+  txs = ostep.optimizers(shapes, stacked)
+  limit = limit or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if limit is None:
+    return list(txs)
+  nbytes = lambda t: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
+  need, grads = {}, {}
+  for name, (tx, sh) in txs.items():
+    params = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in sh.items()}
+    grads[id(sh)] = nbytes(params)
+    need[name] = nbytes(params) + nbytes(jax.eval_shape(tx.init, params))
+  names = list(txs)
+  while sum(need[k] for k in names) + sum(grads.values()) > share * limit:
+    drop = next((k for k in OPTIONAL if k in names), None)
+    if drop is None:
+      break
+    names.remove(drop)
+    log(f"  {drop}: left out, the set's optimizers do not all fit "
+        f"{limit / 2**30:.0f} GiB together")
+  return names
+
+
+def run_group(name, shapes, args, trace_root, log, out, save, dtype="float32"):
   """Fills `out` (already in the results) phase by phase, calling save()
   after each, so that a group cut short or failing late keeps what it
-  measured: the reference check, the K = 1 timings, the profile, the K-step
-  timings."""
+  measured: the reference check (float32 groups: bfloat16 params run the
+  same arithmetic on other inputs), the K = 1 timings, the profile, the
+  K-step timings."""
   stacked = name.endswith("_stacked")
-  dtype = jnp.dtype(args.dtype)
+  dtype = jnp.dtype(dtype)
   t0 = time.perf_counter()
   phase = {}
   tick = lambda what, t=[t0]: (phase.__setitem__(what, time.perf_counter() - t[0]),
                                t.__setitem__(0, time.perf_counter()), save())
-  out["phase_s"] = phase
-  out["reference"] = reference_errors(check_shapes(shapes, args.check_cap), stacked,
-                                      steps=args.check_steps)
-  for k, v in out["reference"]["errors"].items():
-    log(f"  reference {k}: " + (f"params {v['params']:.2e}, update {v['update']:.2e}, "
-                                f"state {v['state']:.2e} vs {v['reference']}"
-                                if "error" not in v else v["error"]))
-  tick("reference")
-  runs, stats, n, leaves = ostep.setup_runs(shapes, stacked, warmup=args.warmup, dtype=dtype)
+  out |= {"dtype": dtype.name, "phase_s": phase}
+  if dtype == jnp.float32:
+    out["reference"] = reference_errors(check_shapes(shapes, args.check_cap), stacked,
+                                        steps=args.check_steps)
+    for k, v in out["reference"]["errors"].items():
+      log(f"  reference {k}: " + (f"params {v['params']:.2e}, update {v['update']:.2e}, "
+                                  f"state {v['state']:.2e} vs {v['reference']}"
+                                  if "error" not in v else v["error"]))
+    tick("reference")
+  names = runs_that_fit(shapes, stacked, dtype, log)
+  runs, stats, n, leaves = ostep.setup_runs(shapes, stacked, warmup=args.warmup, dtype=dtype,
+                                            names=names)
   out |= {"params": n, "leaves": leaves}
   tick("setup")
   ostep.alternate(runs, args.reps)
@@ -403,6 +514,28 @@ def run_group(name, shapes, args, trace_root, log, out, save):
   return out
 
 
+def run_leaf_sizes(args, trace_root, log, out, save):
+  """The sweep of leaf sizes (LEAF_SIZE_LOG2): per size, every optimizer's
+  step timed (one per call, alternating) and one step of each profiled;
+  `out` is saved after each size."""
+  sizes, total = ((SMALL_LEAF_SIZE_LOG2, SMALL_LEAF_SIZES_TOTAL_LOG2) if args.small
+                  else (LEAF_SIZE_LOG2, LEAF_SIZES_TOTAL_LOG2))
+  t0 = time.perf_counter()
+  out |= {"dtype": "float32", "params": 2 ** total, "sizes": {}}
+  for log2 in sizes:
+    runs, stats, _, leaves = ostep.setup_runs(leaf_size_shapes(log2, total), warmup=args.warmup)
+    ostep.alternate(runs, args.reps)
+    r = out["sizes"][f"2^{log2}"] = {"leaf_bytes": 4 * 2 ** log2, "leaves": leaves}
+    r |= ostep.medians(runs, 1, False) | {"compiled": stats}
+    r["profile"] = profile_runs(runs, trace_root, log)
+    del runs
+    log(f"  leaves of {4 * 2 ** log2 / 2 ** 20:g} MiB ({leaves}): " + ", ".join(
+        f"{k} {v:.3f} ms ({r['ratio_to_adamw'][k]:.2f}x)" for k, v in r["median_ms"].items()))
+    save()
+  out["seconds"] = time.perf_counter() - t0
+  return out
+
+
 def profile_summary(profile):
   """The profile's headline numbers per optimizer, for the top of the JSON."""
   keys = ("device_events", "distinct_kernels", "busy_us", "span_us", "busy_over_span",
@@ -410,6 +543,9 @@ def profile_summary(profile):
   out = {}
   for name, p in profile.items():
     out[name] = {k: p[k] for k in keys if k in p}
+    fit = p.get("bytes_or_kernels", {})
+    out[name] |= {k: fit[k] for k in ("us_per_kernel", "fit_GBps", "share_per_kernel",
+                                      "share_bytes") if k in fit}
     if "gaps" in p:
       out[name]["gaps_over_5us"] = p["gaps"]["over_5us"]
       out[name]["gaps_total_us"] = p["gaps"]["total_us"]
@@ -478,7 +614,6 @@ def main(argv=None):
   p.add_argument("--steps-per-call", type=int, default=None,
                  help="K for the fori_loop timings (default 10, small 3)")
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--check-cap", type=int, default=None,
                  help="the reference check caps every dimension at this (default 512, small 64)")
   p.add_argument("--check-steps", type=int, default=6)
@@ -510,14 +645,14 @@ def main(argv=None):
              "devices": len(jax.devices()), "jax": jax.__version__,
              "packages": package_versions(),
              "optax": optax.__version__, "python": platform.python_version(),
-             "commit": git_commit(), "small": small, "dtype": args.dtype,
+             "commit": git_commit(), "small": small,
              "reps": args.reps, "fori_reps": args.fori_reps,
              "steps_per_call": 1, "fori_steps_per_call": args.steps_per_call,
              "budget_s": args.budget_s, "complete": False, "skipped": [], "sets": {},
              "profile_summary": {}}
   results["copy_GBps"] = ostep.copy_bandwidth(args.copy_gib, reps=5 if small else 20)
   log(f"jax {jax.__version__}, {len(jax.devices())} device(s), commit {results['commit']}, "
-      f"{'SMALL shapes, ' if small else ''}{args.dtype}; copy "
+      f"{'SMALL shapes; ' if small else ''}copy "
       f"{results['copy_GBps']:.0f} GB/s (read + write, {args.copy_gib:g} GiB)")
   write(results, path)
 
@@ -534,8 +669,12 @@ def main(argv=None):
     r = results["sets"][name] = {}
     group_start = time.perf_counter()
     try:
-      run_group(name, shape_sets[name](), args, trace_root, log, r,
-                lambda: write(results, path))
+      save = lambda: write(results, path)
+      set_name, dtype = GROUPS[name]
+      if set_name is None:
+        run_leaf_sizes(args, trace_root, log, r, save)
+      else:
+        run_group(name, shape_sets[set_name](), args, trace_root, log, r, save, dtype)
     except Exception as e:  # noqa: BLE001 - out of memory, say: keep the others
       log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
       r["error"] = f"{type(e).__name__}: {e}"[:1000]
@@ -544,10 +683,15 @@ def main(argv=None):
       write(results, path)
       continue
     longest = max(longest, r["seconds"])
-    results["profile_summary"][name] = profile_summary(r["profile"])
-    print_group(name, r, log)
-    log(f"{name}: done in {r['seconds']:.0f} s (" + ", ".join(
-        f"{k} {v:.1f}" for k, v in r["phase_s"].items()) + ")")
+    if "sizes" in r:
+      results["profile_summary"][name] = {k: profile_summary(v["profile"])
+                                          for k, v in r["sizes"].items()}
+      log(f"{name}: done in {r['seconds']:.0f} s")
+    else:
+      results["profile_summary"][name] = profile_summary(r["profile"])
+      print_group(name, r, log)
+      log(f"{name}: done in {r['seconds']:.0f} s (" + ", ".join(
+          f"{k} {v:.1f}" for k, v in r["phase_s"].items()) + ")")
     results["elapsed_s"] = time.perf_counter() - start
     write(results, path)
 
@@ -563,6 +707,11 @@ def main(argv=None):
   for name, r in results["sets"].items():
     if "error" in r:
       log(f"| {name} | FAILED | | |")
+      continue
+    if "sizes" in r:
+      for size, v in r["sizes"].items():
+        log(f"| {name} {v['leaf_bytes'] / 2**20:g} MiB | "
+            f"{v['ratio_to_adamw']['adam_spd']:.2f}x | - | - |")
       continue
     su = r.get("stacked_over_unstacked")
     fori = r["fori_loop"].get("ratio_to_adamw", {}).get("adam_spd", float("nan"))

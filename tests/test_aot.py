@@ -128,3 +128,28 @@ def test_on_an_explicit_mesh_the_step_is_still_two_passes(v5e):
   r = aot.analyse(spd_optax.adam_spd(1e-3, layer_axes=layer_axes), shapes, layer_axes,
                   explicit, jnp.float32)
   assert r["param_sized_copies"] == 0 and r["words_per_param"] < 12.1, r["kernels"]
+
+
+def test_leaf_order_reads_which_leaf_each_kernel_works_on():
+  # An entry computation whose parameters name their leaves in metadata, as
+  # jax's lowering names them: leaf a's two kernels, then b's, then a third
+  # of a's, reading a's first kernel's output; a scalar fusion is not a kernel.
+  param = lambda n, i, path: (f'  %{n} = f32[128]{{0}} parameter({i}), '
+                              f'metadata={{op_name="{path}"}}')
+  text = "\n".join([
+      "HloModule step", "", "ENTRY %main (p0: f32[128], p1: f32[128], p2: f32[128]) -> f32[128] {",
+      param("p0", 0, "params[\\'a\\']"), param("g0", 1, "grads[\\'a\\']"),
+      param("p1", 2, "state.inner_state[0].mu[\\'b\\']"),
+      "  %c = s32[] parameter(3), metadata={op_name=\"state.count\"}",
+      "  %f1 = f32[128]{0} fusion(%p0, %g0, %c), kind=kLoop, calls=%x",
+      "  %f2 = f32[128]{0} fusion(%p1), kind=kLoop, calls=%x",
+      "  %s = f32[] fusion(%c), kind=kLoop, calls=%x",
+      "  %f3 = f32[128]{0} fusion(%f1, %s), kind=kLoop, calls=%x",
+      "  ROOT %t = (f32[128]{0}, f32[128]{0}) tuple(%f2, %f3)", "}", ""])
+  order = aot.leaf_order(text)
+  assert order == {"leaves_back_to_back": 0.5, "mean_kernels_first_to_last": 1.0,
+                   "max_kernels_first_to_last": 2}
+  # Reordered so that each leaf's kernels are together.
+  swapped = text.replace("  %f2 = f32[128]{0} fusion(%p1), kind=kLoop, calls=%x\n", "")
+  swapped = swapped.replace("  ROOT", "  %f2 = f32[128]{0} fusion(%p1), kind=kLoop, calls=%x\n  ROOT")
+  assert aot.leaf_order(swapped)["leaves_back_to_back"] == 1.0

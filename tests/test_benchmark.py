@@ -2,6 +2,8 @@
 models with their blocks stacked (timings are not tested: see NOTES.md)."""
 
 import numpy as np
+import pytest
+import spd_optax
 
 from benchmarks import optimizer_step as bench
 
@@ -19,10 +21,39 @@ def test_stack_blocks_keeps_every_parameter():
 def test_bench_runs_on_a_tiny_stacked_model():
   shapes = {"embed": (16, 8)} | {f"layer{i}/{n}": (8, 8) for i in range(3) for n in "qk"}
   r = bench.bench(shapes, reps=2, stacked=True, warmup=1)
-  assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "adam_spd unstacked", "adam_spd"}
+  assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "adam_spd unstacked", "adam_spd",
+                                 "adam_spd leaf by leaf"}
   assert r["leaves"] == 3 and r["stacked_over_unstacked"] > 0
   assert set(bench.bench(shapes, reps=1, warmup=1)["median_ms"]) == {
-      "optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
+      "optax.adamw", "optax.adam", "naive SPD", "adam_spd", "adam_spd leaf by leaf"}
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_leaf_by_leaf_is_adam_spd_in_another_order(stacked):
+  # The same arithmetic, bit for bit, over steps where SPD decays: params
+  # and every leaf of the state, in the state's own structure.
+  import jax
+  import optax
+  shapes = {"embed": (16, 8), "norm": (8,)} | {
+      f"layer{i}/{n}": (8, 12) for i in range(3) for n in "qk"}
+  txs = bench.optimizers(shapes, stacked, lr=1e-2)
+  base, ordered = txs["adam_spd"][0], txs["adam_spd leaf by leaf"][0]
+  shapes = txs["adam_spd"][1]
+  params = bench.random_tree(shapes, 0)
+  grads = [jax.tree.map(lambda g, s=s: g + s, bench.random_tree(shapes, 1))
+           for s in (-0.5, -0.5, -0.5, 0.5, 0.5)]  # away, then back: SPD fires
+  out = []
+  for tx in (base, ordered):
+    p, state = params, tx.init(params)
+    step = jax.jit(lambda p, s, g, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    for g in grads:
+      p, state = step(p, state, g)
+    out.append((p, state))
+  assert jax.tree.structure(out[0]) == jax.tree.structure(out[1])
+  assert float(spd_optax.spd_stats(out[1][1])["decayed_fraction"]) > 0
+  for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bench_records_xla_words_and_fusions_in_bfloat16():
@@ -58,7 +89,8 @@ def test_steps_per_call_runs_the_same_steps_in_one_jit():
 def test_bench_reports_per_step_times_with_several_steps_per_call():
   r = bench.bench({"w": (16, 8)}, reps=1, warmup=1, steps_per_call=4)
   assert r["steps_per_call"] == 4
-  assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
+  assert set(r["median_ms"]) == {"optax.adamw", "optax.adam", "naive SPD", "adam_spd",
+                                 "adam_spd leaf by leaf"}
   assert all(v > 0 for v in r["median_ms"].values())
   assert r["ratio_to_adamw"]["optax.adamw"] == 1
 

@@ -20,8 +20,8 @@ def test_small_run_writes_every_section(tmp_path):
   s = r["sets"]["vit_b16"]
   for key in SECTIONS:
     assert key in s, key
-  names = {"optax.adamw", "optax.adam", "naive SPD", "adam_spd"}
-  assert set(s["median_ms"]) == names and s["ratio_to_adamw"]["optax.adamw"] == 1.0
+  names = {"optax.adamw", "optax.adam", "naive SPD", "adam_spd", "adam_spd leaf by leaf"}
+  assert set(s["median_ms"]) == names and s["dtype"] == "float32" and s["ratio_to_adamw"]["optax.adamw"] == 1.0
   assert s["ratio_to_adamw"]["adam_spd"] > 0
   assert s["fori_loop"]["steps_per_call"] == 3 and set(s["fori_loop"]["median_ms"]) == names
   for name in names:
@@ -35,6 +35,35 @@ def test_small_run_writes_every_section(tmp_path):
   assert spd["params"] < 1e-5 and spd["update"] < 1e-5 and spd["state"] < 1e-5, spd
   assert spd["finite"] and spd["decayed_fraction"] > 0  # SPD acted in the checked steps
   assert spd["reference"] == "cpu float64"
+  assert errors["adam_spd leaf by leaf"]["params"] == spd["params"]  # the same arithmetic
+
+
+def test_bf16_group_and_leaf_size_sweep(tmp_path):
+  out = tmp_path / "gpu.json"
+  gpu_check.main(["--small", "--sets", "llama_1b_bf16", "leaf_sizes", "--json", str(out)])
+  r = json.loads(out.read_text())
+  assert r["complete"] and set(r["sets"]) == {"llama_1b_bf16", "leaf_sizes"}
+  bf16 = r["sets"]["llama_1b_bf16"]
+  assert bf16["dtype"] == "bfloat16" and "reference" not in bf16  # float32 checks the arithmetic
+  assert bf16["ratio_to_adamw"]["adam_spd"] > 0 and "fori_loop" in bf16
+  sweep = r["sets"]["leaf_sizes"]["sizes"]
+  assert list(sweep) == [f"2^{k}" for k in gpu_check.SMALL_LEAF_SIZE_LOG2]
+  for k, v in zip(gpu_check.SMALL_LEAF_SIZE_LOG2, sweep.values()):
+    assert v["leaf_bytes"] == 4 * 2 ** k
+    assert v["leaves"] == 2 ** (gpu_check.SMALL_LEAF_SIZES_TOTAL_LOG2 - k)
+    assert set(v["profile"]) == set(v["median_ms"]) >= {"optax.adamw", "adam_spd leaf by leaf"}
+  assert set(r["profile_summary"]["leaf_sizes"]) == set(sweep)
+
+
+def test_optional_optimizers_are_left_out_where_memory_is_short():
+  shapes = {"w": (1024, 1024)}  # 4 MiB per tree
+  log = lambda *lines: None
+  assert gpu_check.runs_that_fit(shapes, False, gpu_check.jnp.float32, log,
+                                 limit=2**40) == list(gpu_check.ostep.optimizers(shapes, False))
+  # adamw 3 trees, adam 3, adam_spd 4, grads 1 (44 MiB) fit; naive SPD's 4 more do not.
+  names = gpu_check.runs_that_fit(shapes, False, gpu_check.jnp.float32, log,
+                                  limit=int(50 * 2**20 / 0.85))
+  assert names == ["optax.adamw", "optax.adam", "adam_spd"]
 
 
 def test_budget_skips_groups_and_still_writes(tmp_path):
@@ -71,8 +100,31 @@ def test_trace_summary_of_gpu_shaped_events():
   assert p["top_kernels"][0]["name"] == "loop_fusion" and p["top_kernels"][0]["count"] == 2
   assert abs(p["host"]["before_first_kernel_us"] - 1000) < 1e-6
   assert abs(p["host"]["after_last_kernel_us"] - 3500) < 1e-6
+  # Bytes per kernel (from the compiled step's HLO, named as XLA:GPU names
+  # kernels): 1 us per kernel + 1 GB/s fits these exactly.
+  kernels = [("/device:GPU:0", "Stream #13(Compute)", f"loop_fusion.{i}", 10.0 * ms * i,
+              1e3 * (1 + b / 1e3)) for i, b in enumerate((1e3, 4e3, 2e3, 8e3))]
+  nbytes = {f"loop_fusion_{i}": b for i, b in enumerate((1e3, 4e3, 2e3, 8e3))}
+  fit = gpu_check.summarize_trace(events[:1] + kernels, "gpu_check adam_spd", 10.0,
+                                  nbytes=nbytes)["bytes_or_kernels"]
+  assert fit["kernels_with_bytes"] == 4 and abs(fit["us_per_kernel"] - 1) < 1e-9
+  assert abs(fit["fit_GBps"] - 1) < 1e-9 and abs(fit["r2"] - 1) < 1e-9
+  assert abs(fit["share_per_kernel"] - 4 / 19) < 1e-9 and abs(fit["share_bytes"] - 15 / 19) < 1e-9
+  assert fit["by_kind"]["loop_fusion"]["count"] == 4
   none = gpu_check.summarize_trace(events[:1], "gpu_check adam_spd", wall_ms=10.0)
   assert none["device_events"] == 0 and "no device events" in none["note"]
+
+
+def test_kernel_bytes_reads_a_compiled_step():
+  import jax.numpy as jnp
+  import spd_optax
+  tx = spd_optax.adam_spd(1e-3)
+  params = {"w": jnp.ones((64, 32))}
+  step = gpu_check.ostep.make_step(tx).lower(params, tx.init(params), params).compile()
+  nbytes = gpu_check.kernel_bytes(step.as_text())
+  assert nbytes and all("." not in k for k in nbytes)
+  # The update's last pass reads and writes at least the params.
+  assert max(nbytes.values()) >= 2 * 64 * 32 * 4
 
 
 def test_unreadable_trace_dir_gives_no_events(tmp_path):
