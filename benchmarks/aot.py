@@ -32,6 +32,9 @@ computation of the optimized HLO:
 - arrays in and out of the entry computation, per leaf;
 - XLA:TPU's estimated cycles: the sum of ``estimated_cycles`` over the
   entry computation (TPU only);
+- the order of the large kernels by leaf (`leaf_order`): the share of
+  leaves whose kernels run back to back, and how many kernels lie from a
+  leaf's first to its last (on XLA:GPU the order the kernels run in);
 - ``hlo_sha256``: a fingerprint of the optimized HLO less its source
   metadata (`hlo_fingerprint`), so that two versions of the library can be
   shown to compile the same step;
@@ -45,7 +48,10 @@ computation of the optimized HLO:
 it (benchmarks/optimizer_step.py). "adam_spd" is the library as installed.
 "adam_spd host-anchor" keeps the anchor in pinned host memory
 (``anchor_on_host=True``), brought in leaf by leaf (a stacked leaf layer by
-layer, in a loop). "adam_spd in shard_map" is the step inside
+layer, in a loop). "adam_spd leaf by leaf" (GPU target only) ties each
+leaf's gradient to the previous leaf's new params, so that a leaf's two
+passes run back to back (`optimizer_step.leaf_by_leaf`). "adam_spd in
+shard_map" is the step inside
 `jax.shard_map` (hand-written FSDP×TP). A variant the library cannot build
 (an option it does not have) is skipped with a note, not compiled.
 
@@ -625,6 +631,9 @@ def summary(r) -> str:
     cyc += f" (+{r['kernels_without_estimate']} Pallas kernels XLA gives no estimate)"
   if "added_to_adamw_step" in r:
     cyc += f", adds {100 * r['added_to_adamw_step']:+.2f}% to optax.adamw's step"
+  if "leaves_back_to_back" in r:
+    cyc += (f", leaves back to back {r['leaves_back_to_back']:.1%} (mean "
+            f"{r['mean_kernels_first_to_last']:.2f} kernels first to last)")
   return (f"fusions/leaf {r['fusions_per_leaf']:.2f}, words/param "
           f"{r['words_per_param']:.2f}, copies {r['param_sized_copies']}, arrays/leaf "
           f"{r['arrays_in_out_per_leaf']:.2f}, peak {_peak(r)} MiB"

@@ -1,5 +1,4 @@
-"""The optimizer step on a GPU, measured in one process, in at most about 8
-minutes on an H200.
+"""The optimizer step on a GPU, measured in one process, group by group.
 
   python -m benchmarks.gpu_check                        # all sets, JSON to benchmarks/results/gpu.json
   python -m benchmarks.gpu_check --budget-s 400         # start no group after ~400 s
@@ -9,22 +8,31 @@ It reuses `benchmarks/optimizer_step.py` (its shape sets, optimizers, steps
 and timing loop) and, in one process:
 
 1. measures the device's copy bandwidth (a plain `x + 1`, read + write);
-2. for each set (vit_b16, llama_1b, vit_b16_stacked, llama_1b_stacked: one
-   group each, freed before the next, so each fits the device's memory):
-   - checks each optimizer's steps on the device (float32) against the same
+2. for each group (`GROUPS`: vit_b16, llama_1b, vit_b16_stacked,
+   llama_1b_stacked in float32, llama_1b with bfloat16 params; each freed
+   before the next, so each fits the device's memory):
+   - checks each optimizer's float32 steps on the device against the same
      steps evaluated on the CPU in float64, from the same inputs, on the
      set's leaves outside its blocks and those of its first two blocks, every
      dimension capped (`--check-cap`): relative errors of the params, of
      their change and of the optimizer state;
    - times optax.adamw, optax.adam, naive SPD (unstacked sets) or adam_spd
-     unstacked (stacked sets) and adam_spd, alternating them: one jitted,
+     unstacked (stacked sets), adam_spd and adam_spd leaf by leaf (its
+     arithmetic, each leaf's two passes back to back:
+     `optimizer_step.leaf_by_leaf`; with naive SPD, left out where the
+     device's memory cannot hold them all), alternating them: one jitted,
      donated step per call, then K steps in one jit (`lax.fori_loop`) on the
      same buffers; per-step medians and ratios to optax.adamw of this run;
    - records a `jax.profiler` trace of one (K = 1) step of each optimizer
      and parses it here: kernels by name and time, device busy time against
-     the span, the gaps between kernels and the host time around them. If a
-     trace holds no device events (on CPU, say), the summary says so;
-3. writes the JSON after each group (`complete` false until the end), so a
+     the span, the gaps between kernels and the host time around them, and
+     a fit of each kernel's time to a cost per kernel plus its bytes (from
+     the compiled step's HLO), which says which of the two the step's time
+     follows. If a trace holds no device events (on CPU, say), the summary
+     says so;
+3. the sweep of leaf sizes (group leaf_sizes): the same optimizers on sets
+   of equal leaves from 256 KiB to 512 MiB, timed and profiled per size;
+4. writes the JSON after each group (`complete` false until the end), so a
    run cut short still leaves what it measured, and stops starting groups
    when `--budget-s` runs low.
 
@@ -73,12 +81,15 @@ GROUPS = {"vit_b16": ("vit_b16", "float32"), "llama_1b": ("llama_1b", "float32")
           "llama_1b_stacked": ("llama_1b_stacked", "float32"),
           "llama_1b_bf16": ("llama_1b", "bfloat16"), "leaf_sizes": (None, "float32")}
 ORDER = list(GROUPS)
-# The sweep: leaves of 2^k float32 elements (256 KiB to 64 MiB), 2^25
-# elements (128 MiB per array) in all, in square-ish matrices. Whether
-# SPD's second pass over a leaf is cheaper once the leaf's arrays fit the
-# L2 cache (50 MiB on an H100 or H200) is read off its ratio to AdamW and
-# its kernels' effective bandwidth against the leaf size.
-LEAF_SIZE_LOG2 = (16, 18, 20, 22, 24)
+# The sweep: leaves of 2^k float32 elements (256 KiB to 512 MiB), 2^25
+# elements (128 MiB per array) in all, or one leaf where it is larger, in
+# square-ish matrices. Whether SPD's second pass over a leaf is cheaper once
+# the leaf's arrays fit the L2 cache (50 MiB on an H100 or H200) is read off
+# its ratio to AdamW and its kernels' effective bandwidth against the leaf
+# size. The 512 MiB leaf is past the size (about 95M elements) from which
+# XLA:GPU writes θ - θ_0 out instead of fusing it into the first pass:
+# 14 words per parameter by its count, against 12 below.
+LEAF_SIZE_LOG2 = (16, 18, 20, 22, 24, 27)
 LEAF_SIZES_TOTAL_LOG2 = 25
 
 
@@ -105,13 +116,15 @@ def small_llama_shapes():
 
 SMALL_SETS = {"vit_b16": small_vit_shapes, "vit_b16_stacked": small_vit_shapes,
               "llama_1b": small_llama_shapes, "llama_1b_stacked": small_llama_shapes}
-SMALL_LEAF_SIZE_LOG2, SMALL_LEAF_SIZES_TOTAL_LOG2 = (8, 10), 12
+SMALL_LEAF_SIZE_LOG2, SMALL_LEAF_SIZES_TOTAL_LOG2 = (8, 10, 13), 12
 
 
 def leaf_size_shapes(log2, total_log2):
-  """2^(total_log2 - log2) leaves of 2^log2 elements each, as matrices."""
+  """2^(total_log2 - log2) leaves of 2^log2 elements each (at least one), as
+  matrices."""
   rows = 2 ** (log2 // 2)
-  return {f"leaf{i:04d}": (rows, 2 ** log2 // rows) for i in range(2 ** (total_log2 - log2))}
+  return {f"leaf{i:04d}": (rows, 2 ** log2 // rows)
+          for i in range(2 ** max(total_log2 - log2, 0))}
 
 
 class Log:
@@ -514,6 +527,10 @@ def run_group(name, shapes, args, trace_root, log, out, save, dtype="float32"):
   return out
 
 
+def _size(nbytes):
+  return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:g} KiB"
+
+
 def run_leaf_sizes(args, trace_root, log, out, save):
   """The sweep of leaf sizes (LEAF_SIZE_LOG2): per size, every optimizer's
   step timed (one per call, alternating) and one step of each profiled;
@@ -529,7 +546,7 @@ def run_leaf_sizes(args, trace_root, log, out, save):
     r |= ostep.medians(runs, 1, False) | {"compiled": stats}
     r["profile"] = profile_runs(runs, trace_root, log)
     del runs
-    log(f"  leaves of {4 * 2 ** log2 / 2 ** 20:g} MiB ({leaves}): " + ", ".join(
+    log(f"  {leaves} leaves of {_size(4 * 2 ** log2)}: " + ", ".join(
         f"{k} {v:.3f} ms ({r['ratio_to_adamw'][k]:.2f}x)" for k, v in r["median_ms"].items()))
     save()
   out["seconds"] = time.perf_counter() - t0
@@ -710,7 +727,7 @@ def main(argv=None):
       continue
     if "sizes" in r:
       for size, v in r["sizes"].items():
-        log(f"| {name} {v['leaf_bytes'] / 2**20:g} MiB | "
+        log(f"| {name}, {_size(v['leaf_bytes'])} | "
             f"{v['ratio_to_adamw']['adam_spd']:.2f}x | - | - |")
       continue
     su = r.get("stacked_over_unstacked")
