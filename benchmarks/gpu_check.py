@@ -338,8 +338,14 @@ def summarize_trace(events, annotation, wall_ms, top=12, nbytes=None):
                            "share_of_busy": t / busy if busy else None}
                           for n, (c, t) in kernels[:top]]}
   if nbytes:
+    # The derived "XLA Ops" line names each op as the HLO does; the kernels'
+    # own names are the fusions' sanitized. Either is joined to the bytes.
+    ops = [(n, d) for p, l, n, _, d in events
+           if p.startswith("/device:") and "CPU" not in p and l.startswith("XLA Ops")]
     out["bytes_or_kernels"] = bytes_or_kernels(
-        [(re.sub(r"\W", "_", n), d) for _, _, n, _, d in dev], nbytes)
+        [(re.sub(r"\W", "_", n.lstrip("%")), d) for n, d in ops
+         or [(n, d) for _, _, n, _, d in dev]], nbytes)
+    out["bytes_or_kernels"]["named_by"] = "XLA Ops" if ops else "kernels"
   if host:
     hs, hd = host[0]
     out["host"] = {"annotation_us": hd / 1e3,

@@ -110,7 +110,15 @@ def test_trace_summary_of_gpu_shaped_events():
   assert fit["kernels_with_bytes"] == 4 and abs(fit["us_per_kernel"] - 1) < 1e-9
   assert abs(fit["fit_GBps"] - 1) < 1e-9 and abs(fit["r2"] - 1) < 1e-9
   assert abs(fit["share_per_kernel"] - 4 / 19) < 1e-9 and abs(fit["share_bytes"] - 15 / 19) < 1e-9
-  assert fit["by_kind"]["loop_fusion"]["count"] == 4
+  assert fit["by_kind"]["loop_fusion"]["count"] == 4 and fit["named_by"] == "kernels"
+  # Where the trace has the derived "XLA Ops" line, its HLO names are used.
+  ops = [("/device:GPU:0", "XLA Ops", n.replace("loop_fusion", "%loop_fusion"), *rest)
+         for _, _, n, *rest in kernels]
+  renamed = [(p, l, f"kernel_{i}", *rest) for i, (p, l, _, *rest) in enumerate(kernels)]
+  fit = gpu_check.summarize_trace(events[:1] + renamed + ops, "gpu_check adam_spd", 10.0,
+                                  nbytes=nbytes)["bytes_or_kernels"]
+  assert fit["named_by"] == "XLA Ops" and fit["kernels_with_bytes"] == 4
+  assert abs(fit["us_per_kernel"] - 1) < 1e-9
   none = gpu_check.summarize_trace(events[:1], "gpu_check adam_spd", wall_ms=10.0)
   assert none["device_events"] == 0 and "no device events" in none["note"]
 
