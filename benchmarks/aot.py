@@ -255,10 +255,8 @@ def optimizers(layer_axes, lr=1e-4, host_anchor=True, param_specs=None, only=Non
     del make["naive SPD"]  # its sums are per leaf, not per layer
   if host_anchor:
     make["adam_spd host-anchor"] = lambda: spd(anchor_on_host=True)
-  if leaf_by_leaf:  # each leaf's update sees a one-leaf dict: layer_axes as a callable
-    make["adam_spd leaf by leaf"] = lambda: optimizer_step.leaf_by_leaf(spd_optax.adam_spd(
-        lr, weight_decay=1.0, layer_axes=None if layer_axes is None else (
-            lambda p: {k: layer_axes[k] for k in p})))
+  if leaf_by_leaf:
+    make["adam_spd leaf by leaf"] = lambda: optimizer_step.adam_spd_leaf_by_leaf(lr, layer_axes)
   out = {}
   for name, f in make.items():
     if only and name not in only:
@@ -345,6 +343,13 @@ def nbytes(typ: str) -> int:
   return sum(b for _, b, _ in arrays(typ))
 
 
+def largest_array(ins: Instr, by_name: dict) -> int:
+  """Elements of the largest array an instruction reads or writes: at most
+  64 for the per-leaf or per-layer values and step counts."""
+  return max([n for o in ins.operands if o in by_name for n, _, _ in arrays(by_name[o].type)]
+             + [n for n, _, _ in arrays(ins.type)], default=0)
+
+
 def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
   """Counts over the entry computation; `leaf_elements` per device."""
   instrs = entry_instructions(text)
@@ -379,12 +384,10 @@ def hlo_counts(text: str, leaf_elements: list[int], itemsize: int) -> dict:
         ins.op == "custom-call" and "ConcatBitcast" in ins.rest):
       continue
     operands = [by_name[o] for o in dict.fromkeys(ins.operands) if o in by_name]
-    sizes = [n for o in operands for n, _, _ in arrays(o.type)] + [
-        n for n, _, _ in arrays(ins.type)]
     if ins.op == "copy" and 5 in (space(ins.operands[0]), arrays(ins.type)[0][2]):
       host_bytes += nbytes(ins.type)
       continue
-    small = max(sizes, default=0) <= 64  # per-leaf or per-layer values, step counts
+    small = largest_array(ins, by_name) <= 64  # per-leaf or per-layer values, step counts
     if small and ins.op != "fusion":  # unfused scalar work (the TPU's scalar unit)
       kinds["scalar ops"] += 1
       continue
@@ -440,9 +443,8 @@ def leaf_order(text: str) -> dict:
     m = named.search(ins.rest) if ins.op == "parameter" else None
     leaves[ins.name] = {m[1]} if m else set().union(*(leaves.get(o, set())
                                                       for o in ins.operands))
-    sizes = [n for o in ins.operands if o in by_name for n, _, _ in arrays(by_name[o].type)]
-    large = max(sizes + [n for n, _, _ in arrays(ins.type)], default=0) > 64
-    if ins.op == "fusion" and large and len(leaves[ins.name]) == 1:
+    if (ins.op == "fusion" and len(leaves[ins.name]) == 1
+        and largest_array(ins, by_name) > 64):
       order.append(next(iter(leaves[ins.name])))
   positions = collections.defaultdict(list)
   for i, leaf in enumerate(order):

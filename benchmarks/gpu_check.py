@@ -361,9 +361,8 @@ def kernel_bytes(hlo_text):
   from benchmarks import aot  # its HLO reader; imported here, as it loads topologies
   instrs = aot.entry_instructions(hlo_text)
   by_name = {i.name: i for i in instrs}
-  size = lambda typ: sum(b for _, b, _ in aot.arrays(typ))
-  return {re.sub(r"\W", "_", i.name): size(i.type) + sum(
-      size(by_name[o].type) for o in dict.fromkeys(i.operands) if o in by_name)
+  return {re.sub(r"\W", "_", i.name): aot.nbytes(i.type) + sum(
+      aot.nbytes(by_name[o].type) for o in dict.fromkeys(i.operands) if o in by_name)
           for i in instrs if i.op == "fusion"}
 
 

@@ -144,6 +144,15 @@ def leaf_by_leaf(tx):
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
+def adam_spd_leaf_by_leaf(lr, layer_axes=None):
+  """adam_spd (λ = 1) under `leaf_by_leaf`; `layer_axes` a dict over the
+  whole model, passed on as a callable since each leaf's update sees a
+  one-leaf dict."""
+  return leaf_by_leaf(spd_optax.adam_spd(
+      lr, weight_decay=1.0,
+      layer_axes=None if layer_axes is None else lambda p: {k: layer_axes[k] for k in p}))
+
+
 def optimizers(shapes, stacked, lr=1e-4):
   """name -> (optimizer, parameter shapes) for one set."""
   if not stacked:
@@ -152,8 +161,7 @@ def optimizers(shapes, stacked, lr=1e-4):
         "optax.adam": (optax.adam(lr), shapes),
         "naive SPD": (naive_spd(lr, 1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
-        "adam_spd leaf by leaf": (leaf_by_leaf(spd_optax.adam_spd(lr, weight_decay=1.0)),
-                                  shapes),
+        "adam_spd leaf by leaf": (adam_spd_leaf_by_leaf(lr), shapes),
     }
   else:
     stacked_shapes, layer_axes = stack_blocks(shapes)
@@ -163,10 +171,7 @@ def optimizers(shapes, stacked, lr=1e-4):
         "adam_spd unstacked": (spd_optax.adam_spd(lr, weight_decay=1.0), shapes),
         "adam_spd": (spd_optax.adam_spd(lr, weight_decay=1.0, layer_axes=layer_axes),
                      stacked_shapes),
-        # A callable: each leaf's update sees a one-leaf dict.
-        "adam_spd leaf by leaf": (leaf_by_leaf(spd_optax.adam_spd(
-            lr, weight_decay=1.0, layer_axes=lambda p: {k: layer_axes[k] for k in p})),
-                                  stacked_shapes),
+        "adam_spd leaf by leaf": (adam_spd_leaf_by_leaf(lr, layer_axes), stacked_shapes),
     }
   return out
 
